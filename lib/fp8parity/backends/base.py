@@ -1,0 +1,31 @@
+"""The backend interface and the CPU reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class LinearBackend:
+    """Base class: subclasses implement `linear`; `stats` collects per-GEMM FP8 statistics if any."""
+
+    name = "base"
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict] = {}
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device)}
+
+
+class ReferenceBackend(LinearBackend):
+    """x @ w.T + b in the activations' dtype (fp32 or fp64) on the CPU: the trusted side."""
+
+    name = "reference"
+
+    def linear(self, x, w, b, key):
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))

@@ -1,0 +1,142 @@
+"""emulated-fp8: E4M3 GEMMs on any machine, quantized exactly as the GPU quantizes.
+
+Granularities: `tensor` (one current scale per tensor, TE Float8CurrentScaling / per-tensor _scaled_mm),
+`delayed` (scale 1.0: TE DelayedScaling used naively under no_grad), `delayed-calibrated` (scale
+from the amax seen in a calibration pass), `rowwise` (per token x per output channel, _scaled_mm
+rowwise), `block` (1x128 activations, 128x128 weights, power-of-two scales: Float8BlockScaling),
+and `batch-ftz` (one per-batch scale with subnormals flushed to zero: the bug of #3807).
+Accumulation: `fp32` (exact products, fp32 sums), `fp64` (the cast-to-representable control: any
+error left is quantization error), `fast` (a model of Hopper's ~14-bit fast accumulation: partial
+sums of 32 products in fp32, the running sum rounded to 13 mantissa bits after each chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp8parity import fp8
+from fp8parity.backends.base import LinearBackend
+from fp8parity.errors import WorkbookError
+
+GRANULARITIES = ("tensor", "delayed", "delayed-calibrated", "rowwise", "block", "batch-ftz")
+ACCUMULATIONS = ("fp32", "fp64", "fast")
+FAST_ACCUM_CHUNK, FAST_ACCUM_BITS = 32, 13
+BLOCK = 128
+
+
+class EmulatedFP8Backend(LinearBackend):
+    name = "emulated-fp8"
+
+    def __init__(self, granularity: str = "tensor", accumulate: str = "fp32", output_dtype: str = "fp32",
+                 bias_dtype: str = "bf16", stale_activation_cache: bool = False, collect_stats: bool = True):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise WorkbookError(f"unknown FP8 granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}.")
+        if accumulate not in ACCUMULATIONS:
+            raise WorkbookError(f"unknown accumulation {accumulate!r}; choose one of {', '.join(ACCUMULATIONS)}.")
+        self.granularity, self.accumulate = granularity, accumulate
+        self.output_dtype, self.bias_dtype = output_dtype, bias_dtype
+        self.stale_activation_cache = stale_activation_cache
+        self.collect_stats = collect_stats
+        self.calibrating = False
+        self._amax_history: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._act_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def describe(self) -> dict:
+        return super().describe() | {
+            "granularity": self.granularity, "accumulate": self.accumulate, "output_dtype": self.output_dtype,
+            "bias_dtype": self.bias_dtype, "stale_activation_cache": self.stale_activation_cache,
+        }
+
+    # --- scales ---------------------------------------------------------------------------------------
+    def _scales(self, x: torch.Tensor, w: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.granularity
+        if g in ("tensor", "batch-ftz"):
+            return fp8.scale_from_amax(fp8.amax_tensor(x)), fp8.scale_from_amax(fp8.amax_tensor(w))
+        if g == "delayed":
+            one = torch.ones(1, 1)
+            return one, one
+        if g == "delayed-calibrated":
+            ax, aw = fp8.amax_tensor(x), fp8.amax_tensor(w)
+            if self.calibrating or key not in self._amax_history:
+                if key in self._amax_history:
+                    ax = torch.maximum(ax, self._amax_history[key][0])
+                self._amax_history[key] = (ax, aw)
+            hx, hw = self._amax_history[key]
+            return fp8.scale_from_amax(hx), fp8.scale_from_amax(hw)
+        if g == "rowwise":
+            return fp8.scale_from_amax(fp8.amax_rows(x)), fp8.scale_from_amax(fp8.amax_rows(w)).t()
+        if g == "block":
+            sx = fp8.scale_from_amax(fp8.amax_blocks(x, 1, BLOCK), pow2=True)
+            sw = fp8.scale_from_amax(fp8.amax_blocks(w, BLOCK, BLOCK), pow2=True)
+            return sx, sw
+        raise AssertionError(g)
+
+    def quantize_operands(self, x: torch.Tensor, w: torch.Tensor, key: str = "gemm"):
+        """-> (xq, wq, sx, sw): e4m3 operands and quantization scales in the granularity's layout."""
+        x32, w32 = x.to(torch.float32), w.to(torch.float32)
+        sx, sw = self._scales(x32, w32, key)
+        if self.granularity == "block":
+            sxe = fp8.expand_blocks(sx, 1, BLOCK, tuple(x32.shape))
+            swe = fp8.expand_blocks(sw, BLOCK, BLOCK, tuple(w32.shape))
+        elif self.granularity == "rowwise":
+            sxe, swe = sx, sw.t()
+        else:
+            sxe, swe = sx, sw
+        xq = fp8.quantize(x32, sxe, flush_subnormals=self.granularity == "batch-ftz")
+        wq = fp8.quantize(w32, swe)
+        if self.collect_stats:
+            self.stats[key] = {"input": fp8.quant_stats(x32, sxe, xq).to_dict(),
+                               "weight": fp8.quant_stats(w32, swe, wq).to_dict()}
+        return xq, wq, sxe, swe
+
+    # --- GEMM -----------------------------------------------------------------------------------------
+    def _gemm(self, xq: torch.Tensor, wq: torch.Tensor, sxe: torch.Tensor, swe: torch.Tensor) -> torch.Tensor:
+        acc = torch.float64 if self.accumulate == "fp64" else torch.float32
+        if self.granularity == "block":
+            # dequantize exactly (power-of-two scales) and let the accumulator do the rest
+            xd = xq.to(acc) / sxe.to(acc)
+            wd = wq.to(acc) / swe.to(acc)
+            return self._accumulate(xd, wd, acc)
+        y = self._accumulate(xq.to(acc), wq.to(acc), acc)
+        if self.granularity == "rowwise":
+            return y * (1.0 / sxe).to(acc) * (1.0 / swe).t().to(acc)
+        # per-tensor: cuBLAS applies alpha = scale_inv_a * scale_inv_b once, in fp32
+        alpha = ((1.0 / sxe) * (1.0 / swe)).to(torch.float32).to(acc)
+        return y * alpha
+
+    def _accumulate(self, a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        if self.accumulate != "fast":
+            return a @ b.t()
+        K = a.shape[1]
+        total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
+        for k in range(0, K, FAST_ACCUM_CHUNK):
+            part = a[:, k:k + FAST_ACCUM_CHUNK] @ b[:, k:k + FAST_ACCUM_CHUNK].t()
+            total = fp8.round_mantissa(total + part, FAST_ACCUM_BITS)
+        return total
+
+    def linear(self, x, w, b, key):
+        if self.stale_activation_cache:
+            # The #3727 bug: quantized activations cached by element count (what a (pointer, count) key
+            # degenerates to when the caching allocator hands back the same block), reused across GEMMs.
+            cached = self._act_cache.get(x.numel())
+            xq_w = self.quantize_operands(x, w, key)
+            if cached is not None:
+                xq, sxe = cached
+                xq_w = (xq, xq_w[1], sxe, xq_w[3])
+            else:
+                self._act_cache[x.numel()] = (xq_w[0], xq_w[2])
+            xq, wq, sxe, swe = xq_w
+        else:
+            xq, wq, sxe, swe = self.quantize_operands(x, w, key)
+        y = self._gemm(xq, wq, sxe, swe)
+        if b is not None:
+            bias = b.to(torch.bfloat16) if self.bias_dtype == "bf16" else b
+            y = y + bias.to(y.dtype)
+        if self.output_dtype == "fp16":
+            y = y.to(torch.float16)  # #3728: values above 65504 become inf
+        return y.to(x.dtype)
+
+    def reset(self) -> None:
+        """Forget per-run state (the activation cache lives for one forward, like the bug's did)."""
+        self._act_cache.clear()

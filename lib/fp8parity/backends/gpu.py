@@ -1,0 +1,197 @@
+"""GPU backends: bf16 control, torch._scaled_mm (cuBLASLt FP8), and Transformer Engine te.Linear.
+
+Nothing here imports CUDA state or Transformer Engine until a backend is built, so the module
+imports on any machine; building one where it cannot run raises a WorkbookError with one sentence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fp8parity import fp8
+from fp8parity.backends.base import LinearBackend
+from fp8parity.errors import WorkbookError
+
+TE_RECIPES = ("delayed", "delayed-calibrated", "current", "block")
+ROW_MULTIPLE = 16  # TE and cuBLASLt FP8 need prod(leading dims) % 8 and last dim % 16: pad rows to 16
+
+
+def require_cuda(what: str) -> torch.device:
+    if not torch.cuda.is_available():
+        raise WorkbookError(f"backend {what} needs a CUDA GPU and none is visible; use BACKEND=emulated-fp8 on this machine.")
+    return torch.device("cuda")
+
+
+def require_fp8_gpu(what: str) -> torch.device:
+    dev = require_cuda(what)
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise WorkbookError(
+            f"backend {what} needs an FP8 GPU (compute capability 8.9+, Ada/Hopper); this "
+            f"{torch.cuda.get_device_name()} is {major}.{minor}; use BACKEND=bf16 or emulated-fp8."
+        )
+    return dev
+
+
+def card_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    t = x.shape[0]
+    pad = (-t) % ROW_MULTIPLE
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x), t
+
+
+class BF16Backend(LinearBackend):
+    """bf16 GEMM on the GPU: separates "it is on the GPU" from "it is FP8"."""
+
+    name = "bf16"
+
+    def __init__(self):
+        super().__init__()
+        self.device = require_cuda("bf16")
+
+    def linear(self, x, w, b, key):
+        y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
+        return y.to(x.dtype)
+
+    def describe(self):
+        return super().describe() | {"card": card_name()}
+
+
+class TorchFP8Backend(LinearBackend):
+    """torch._scaled_mm with per-tensor or rowwise current scales; fp32 output, bias added in fp32 after."""
+
+    name = "torch-fp8"
+
+    def __init__(self, granularity: str = "tensor", fast_accum: bool = False):
+        super().__init__()
+        if granularity not in ("tensor", "rowwise"):
+            raise WorkbookError(f"torch-fp8 supports granularity 'tensor' or 'rowwise', not {granularity!r}.")
+        self.device = require_fp8_gpu("torch-fp8")
+        self.granularity, self.fast_accum = granularity, fast_accum
+        self._w: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def describe(self):
+        return super().describe() | {"granularity": self.granularity, "fast_accum": self.fast_accum, "card": card_name()}
+
+    def _scale(self, t: torch.Tensor) -> torch.Tensor:
+        amax = fp8.amax_tensor(t) if self.granularity == "tensor" else fp8.amax_rows(t)
+        return fp8.scale_from_amax(amax)
+
+    def quantize_weight(self, w: torch.Tensor, key: str):
+        w32 = w.to(self.device, torch.float32)
+        sw = self._scale(w32)
+        wq = fp8.quantize(w32, sw)
+        return wq, sw, w32
+
+    def linear(self, x, w, b, key):
+        wq, sw, w32 = self.quantize_weight(w, key)
+        x32 = x.to(self.device, torch.float32)
+        xp, t = _pad_rows(x32)
+        sx = self._scale(xp)
+        xq = fp8.quantize(xp, sx)
+        self.stats[key] = {"input": fp8.quant_stats(xp[:t], sx[:t] if sx.numel() > 1 else sx, xq[:t]).to_dict(),
+                           "weight": fp8.quant_stats(w32, sw, wq).to_dict()}
+        sa = (1.0 / sx).float()
+        sb = (1.0 / sw).float().reshape(1, -1) if self.granularity == "rowwise" else (1.0 / sw).float().reshape(())
+        if self.granularity == "tensor":
+            sa = sa.reshape(())
+        y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32,
+                             use_fast_accum=self.fast_accum)[:t]
+        if b is not None:
+            y = y + b.to(self.device, torch.float32)
+        return y.to(x.dtype)
+
+
+class TEBackend(LinearBackend):
+    """Transformer Engine te.Linear under te.autocast with a chosen recipe (fp32 params and activations).
+
+    Recipes: `delayed` (DelayedScaling as used naively under no_grad: scales stay 1.0),
+    `delayed-calibrated` (calibration passes, then one forward with grad enabled updates the scales),
+    `current` (Float8CurrentScaling), `block` (Float8BlockScaling, Hopper, CUDA >= 12.9).
+    TE casts an fp32 bias to bf16 for the FP8 GEMM; that is recorded in describe().
+    """
+
+    name = "te"
+
+    def __init__(self, recipe: str = "current"):
+        super().__init__()
+        if recipe not in TE_RECIPES:
+            raise WorkbookError(f"unknown TE recipe {recipe!r}; choose one of {', '.join(TE_RECIPES)}.")
+        self.device = require_fp8_gpu("te")
+        try:
+            import transformer_engine.pytorch as te
+            from transformer_engine.common import recipe as te_recipe
+        except ImportError:
+            raise WorkbookError(
+                "backend te needs Transformer Engine, which is not installed; `pip install "
+                "'transformer-engine[pytorch]'` (or use BACKEND=torch-fp8)."
+            ) from None
+        self.te = te
+        if not te.is_fp8_available():
+            raise WorkbookError("Transformer Engine reports FP8 is not available on this GPU; use BACKEND=bf16.")
+        if recipe == "block":
+            if not te.is_fp8_block_scaling_available():
+                raise WorkbookError("Float8BlockScaling is not available here (needs Hopper and CUDA >= 12.9).")
+            self.recipe = te_recipe.Float8BlockScaling()
+        elif recipe == "current":
+            self.recipe = te_recipe.Float8CurrentScaling()
+        else:
+            self.recipe = te_recipe.DelayedScaling(margin=0, fp8_format=te_recipe.Format.HYBRID,
+                                                   amax_history_len=1024, amax_compute_algo="max")
+        self.recipe_name = recipe
+        self.phase = "run"  # "calibrate" and "update" during delayed-calibrated preparation
+        self.modules: dict[str, torch.nn.Module] = {}
+
+    def describe(self):
+        import transformer_engine
+
+        return super().describe() | {
+            "recipe": self.recipe_name, "recipe_repr": repr(self.recipe), "card": card_name(),
+            "te_version": transformer_engine.__version__, "bias": "fp32 bias cast to bf16 by TE for the FP8 GEMM",
+            "params_dtype": "float32", "row_padding": ROW_MULTIPLE,
+        }
+
+    def module(self, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.nn.Module:
+        mod = self.modules.get(key)
+        if mod is None:
+            out_f, in_f = w.shape
+            mod = self.te.Linear(in_f, out_f, bias=b is not None, params_dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                mod.weight.copy_(w.to(self.device, torch.float32))
+                if b is not None:
+                    mod.bias.copy_(b.to(self.device, torch.float32))
+            mod.eval()
+            self.modules[key] = mod
+        return mod
+
+    def linear(self, x, w, b, key):
+        mod = self.module(w, b, key)
+        xp, t = _pad_rows(x.to(self.device, torch.float32))
+        if self.phase == "calibrate":
+            with torch.enable_grad(), self.te.autocast(enabled=False, calibrating=True, recipe=self.recipe):
+                y = mod(xp)
+        elif self.phase == "update":
+            with torch.enable_grad(), self.te.autocast(enabled=True, recipe=self.recipe):
+                y = mod(xp)
+        else:
+            with self.te.autocast(enabled=True, recipe=self.recipe):
+                y = mod(xp)
+        self._record_stats(mod, xp[:t], key)
+        return y[:t].detach().to(x.dtype)
+
+    def _record_stats(self, mod, x: torch.Tensor, key: str) -> None:
+        """Input/weight scales as TE holds them (delayed: fp8_meta; current: recomputed from amax)."""
+        if self.recipe_name.startswith("delayed"):
+            meta = mod.fp8_meta["scaling_fwd"]
+            sx, sw = meta.scale[0].reshape(1, 1).float(), meta.scale[1].reshape(1, 1).float()
+        elif self.recipe_name == "current":
+            sx, sw = fp8.scale_from_amax(fp8.amax_tensor(x)), fp8.scale_from_amax(fp8.amax_tensor(mod.weight))
+        else:
+            return
+        w = mod.weight.detach()
+        self.stats[key] = {"input": fp8.quant_stats(x, sx, fp8.quantize(x, sx)).to_dict(),
+                           "weight": fp8.quant_stats(w, sw, fp8.quantize(w, sw)).to_dict()}

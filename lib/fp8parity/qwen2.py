@@ -1,0 +1,286 @@
+"""One readable Qwen2 forward from a GGUF, with per-op taps and a pluggable linear backend.
+
+References: Qwen2 in transformers (modeling_qwen2.py) and llama.cpp's qwen2 graph. GGUF stores Q/K
+unpermuted for qwen2, so RoPE is the "rotate half" (NeoX) form applied to the weights as stored.
+
+Two paths, as real engines have them: `prefill` (the whole prompt in one forward) and serial
+`decode` (one token a step against a KV cache). Every linear goes through `backend.linear`, so FP8
+backends and faults swap a part and the model code stays one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fp8parity.errors import WorkbookError
+from fp8parity.gguf_file import GGUFModel, ModelConfig
+from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LOGITS, Recorder
+
+
+@dataclass
+class ForwardOptions:
+    """Deviations from the file's own recipe; all default to "as the GGUF says". Faults set these."""
+
+    rms_eps: float | None = None  # override RMSNorm epsilon (the eps 1e-5 vs 1e-6 bug class)
+    rope_theta: float | None = None  # override RoPE base
+    embedding_row_offset: int = 0  # read row id+offset (an off-by-one lookup)
+    transposed_weights: tuple[str, ...] = ()  # GGUF tensor names read transposed (a GEMV layout bug)
+    activation_quant: str | None = None  # "q8_k": round linear inputs like llama.cpp's Q8_K (256-blocks)
+
+
+class WeightStore:
+    """Dequantized weights on demand: kept (fast repeats) or streamed through reused buffers (7B on 24 GB)."""
+
+    def __init__(self, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, keep: bool):
+        self.gguf, self.dtype, self.device, self.keep = gguf, dtype, device, keep
+        self._kept: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._kept:
+            return self._kept[name]
+        if self.keep:
+            w = self.gguf.tensor(name)
+        else:
+            shape = self.gguf.shape(name)
+            buf = self._buffers.get(shape)
+            if buf is None:
+                buf = self._buffers[shape] = torch.empty(shape, dtype=torch.float32)
+            w = self.gguf.tensor(name, out=buf)
+        w = w.to(device=self.device, dtype=self.dtype)
+        if self.keep:
+            self._kept[name] = w
+        return w
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' Qwen2RMSNorm: normalize in the compute dtype, then scale.
+    var = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(var + eps))
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple:
+    """cos/sin of shape (T, head_dim), computed in float32 (as transformers does) then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, n_heads, hd); rotate-half form."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
+    """Round activations as llama.cpp's quantize_row_q8_K does: one scale per 256 values (lossy for outliers)."""
+    t, n = x.shape
+    if n % 256:
+        return x
+    blocks = x.reshape(t, n // 256, 256)
+    idx = blocks.abs().argmax(dim=-1, keepdim=True)
+    mx = torch.gather(blocks, -1, idx)
+    iscale = torch.where(mx == 0, torch.zeros_like(mx), -127.0 / mx)
+    q = torch.clamp(torch.round(blocks * iscale), -128, 127)
+    d = torch.where(mx == 0, torch.zeros_like(mx), 1.0 / iscale)
+    return (q * d).reshape(t, n)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values (n_kv_heads, T, head_dim) after RoPE."""
+
+    k: list[torch.Tensor | None] = field(default_factory=list)
+    v: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.k or self.k[0] is None else self.k[0].shape[1]
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    tokens: list[int]  # generated ids (the stop token included when one ended it)
+    text: str
+    stop_reason: str  # "stop_token <id>" or "max_new_tokens"
+    path: str = "prefill+decode"
+
+
+class Qwen2Model:
+    """A Qwen2 forward over a GGUF file.
+
+    backend: the linear backend (fp8parity.backends); dtype: float32 (default) or float64;
+    keep_weights: keep dequantized weights between forwards (None: keep when they fit comfortably).
+    """
+
+    def __init__(self, gguf: GGUFModel, backend=None, dtype: torch.dtype = torch.float32,
+                 options: ForwardOptions | None = None, keep_weights: bool | None = None):
+        from fp8parity.backends import ReferenceBackend
+
+        self.gguf = gguf
+        self.cfg: ModelConfig = gguf.config
+        self.backend = backend if backend is not None else ReferenceBackend()
+        self.device = torch.device(getattr(self.backend, "device", "cpu"))
+        self.dtype = dtype
+        self.options = options or ForwardOptions()
+        if keep_weights is None:
+            keep_weights = self._fp32_weight_bytes() < 6 * 2**30
+        self.weights = WeightStore(gguf, dtype, self.device, keep_weights)
+
+    def _fp32_weight_bytes(self) -> int:
+        return sum(int(t.n_elements) * 4 for t in self.gguf.tensors.values())
+
+    def describe(self) -> dict:
+        return {
+            "model": self.cfg.name, "file": str(self.gguf.path), "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device), "backend": self.backend.describe(), "options": self.options.__dict__,
+            "weights": "kept" if self.weights.keep else "streamed",
+        }
+
+    # --- pieces -----------------------------------------------------------------------------------
+    def _w(self, name: str) -> torch.Tensor:
+        w = self.weights.get(name)
+        if name in self.options.transposed_weights:
+            if w.shape[0] != w.shape[1]:
+                raise WorkbookError(f"cannot read {name} transposed: it is not square {tuple(w.shape)}.")
+            w = w.t().contiguous()
+        return w
+
+    def _linear(self, x: torch.Tensor, weight: str, bias: str | None, key: str) -> torch.Tensor:
+        if self.options.activation_quant == "q8_k":
+            x = quantize_q8_k(x)
+        b = self.weights.get(bias) if bias else None
+        return self.backend.linear(x, self._w(weight), b, key)
+
+    @property
+    def rms_eps(self) -> float:
+        return self.options.rms_eps if self.options.rms_eps is not None else self.cfg.rms_eps
+
+    @property
+    def rope_theta(self) -> float:
+        return self.options.rope_theta if self.options.rope_theta is not None else self.cfg.rope_theta
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        rows = [i + self.options.embedding_row_offset for i in ids]
+        rows = [min(max(r, 0), self.cfg.vocab - 1) for r in rows]
+        return self.gguf.rows("token_embd.weight", rows).to(self.device, self.dtype)
+
+    # --- forward ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, ids: list[int], cache: KVCache | None = None, recorder: Recorder | None = None,
+                logits_for: str = "all") -> torch.Tensor:
+        """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab)."""
+        cfg, rec = self.cfg, recorder
+        if cache is None:
+            cache = KVCache()
+        if not cache.k:
+            cache.k, cache.v = [None] * cfg.n_layers, [None] * cfg.n_layers
+        start = cache.length
+        if start == 0 and hasattr(self.backend, "reset"):
+            self.backend.reset()  # per-run backend state (e.g. the stale-cache fault) starts fresh
+        positions = list(range(start, start + len(ids)))
+        T, H, KV, hd = len(ids), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+        def tap(stage: str, layer: int, x: torch.Tensor) -> None:
+            if rec is not None:
+                rec.record(stage, layer, x, positions)
+
+        x = self.embed(ids)  # (T, hidden)
+        tap(EMBEDDING, GLOBAL_LAYER, x)
+        cos, sin = rope_tables(torch.tensor(positions, device=self.device), hd, self.rope_theta, self.dtype, self.device)
+        for L in range(cfg.n_layers):
+            p = f"blk.{L}."
+            h = rms_norm(x, self.weights.get(p + "attn_norm.weight"), self.rms_eps)
+            tap("attn_norm", L, h)
+            q = self._linear(h, p + "attn_q.weight", p + "attn_q.bias", f"{L}.q_proj")  # (T, H*hd)
+            k = self._linear(h, p + "attn_k.weight", p + "attn_k.bias", f"{L}.k_proj")  # (T, KV*hd)
+            v = self._linear(h, p + "attn_v.weight", p + "attn_v.bias", f"{L}.v_proj")
+            tap("q_proj", L, q), tap("k_proj", L, k), tap("v_proj", L, v)
+            q = apply_rope(q.view(T, H, hd), cos, sin)
+            k = apply_rope(k.view(T, KV, hd), cos, sin)
+            tap("q_post_rope", L, q), tap("k_post_rope", L, k)
+            kt, vt = k.transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)  # (KV, T, hd)
+            if cache.k[L] is not None:
+                kt, vt = torch.cat((cache.k[L], kt), 1), torch.cat((cache.v[L], vt), 1)
+            cache.k[L], cache.v[L] = kt, vt
+            attn = self._attention(q.transpose(0, 1), kt, vt, start)  # (H, T, hd)
+            attn = attn.transpose(0, 1).reshape(T, H * hd)
+            tap("attention", L, attn)
+            o = self._linear(attn, p + "attn_output.weight", None, f"{L}.attn_out")
+            tap("attn_out", L, o)
+            x = x + o
+            tap("post_attn_residual", L, x)
+            h = rms_norm(x, self.weights.get(p + "ffn_norm.weight"), self.rms_eps)
+            tap("ffn_norm", L, h)
+            g = self._linear(h, p + "ffn_gate.weight", None, f"{L}.ffn_gate")
+            u = self._linear(h, p + "ffn_up.weight", None, f"{L}.ffn_up")
+            tap("ffn_gate", L, g), tap("ffn_up", L, u)
+            s = torch.nn.functional.silu(g) * u
+            tap("ffn_swiglu", L, s)
+            d = self._linear(s, p + "ffn_down.weight", None, f"{L}.ffn_out")
+            tap("ffn_out", L, d)
+            x = x + d
+            tap("post_ffn_residual", L, x)
+        if logits_for == "last":
+            x, positions = x[-1:], positions[-1:]
+        h = rms_norm(x, self.weights.get("output_norm.weight"), self.rms_eps)
+        tap(FINAL_NORM, GLOBAL_LAYER, h)
+        head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
+        logits = self.backend.linear(h, self._w(head), None, "lm_head")
+        tap(LOGITS, GLOBAL_LAYER, logits)
+        return logits
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """q: (H, T, hd); k, v: (KV, S, hd) with S = start + T. Grouped-query, causal."""
+        H, T, hd = q.shape
+        rep = H // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
+        scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)  # (H, T, S)
+        S = k.shape[1]
+        mask = torch.arange(S, device=q.device)[None, :] > (start + torch.arange(T, device=q.device))[:, None]
+        scores = scores.masked_fill(mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    # --- the two paths ------------------------------------------------------------------------------
+    def prefill(self, ids: list[int], recorder: Recorder | None = None, logits_for: str = "all",
+                cache: KVCache | None = None) -> torch.Tensor:
+        return self.forward(ids, cache=cache, recorder=recorder, logits_for=logits_for)
+
+    def decode_serial(self, ids: list[int], recorder: Recorder | None = None) -> torch.Tensor:
+        """Token by token against a KV cache; logits (T, vocab) stacked from each step."""
+        cache = KVCache()
+        return torch.cat([self.forward([i], cache=cache, recorder=recorder) for i in ids], dim=0)
+
+    def run(self, ids: list[int], path: str = "prefill", recorder: Recorder | None = None) -> torch.Tensor:
+        if path == "prefill":
+            return self.prefill(ids, recorder)
+        if path == "decode":
+            return self.decode_serial(ids, recorder)
+        raise WorkbookError(f"unknown path {path!r}; use 'prefill' or 'decode'.")
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None,
+                 tokenizer=None) -> GenerationResult:
+        """Greedy decoding: prefill the prompt, then one token a step; stops on any of stop_ids."""
+        cache = KVCache()
+        logits = self.forward(prompt_ids, cache=cache, logits_for="last")
+        out: list[int] = []
+        reason = "max_new_tokens"
+        stops = set(stop_ids or [])
+        for _ in range(max_new_tokens):
+            nxt = int(torch.argmax(logits[-1]))
+            out.append(nxt)
+            if nxt in stops:
+                reason = f"stop_token {nxt}"
+                break
+            if len(out) == max_new_tokens:
+                break
+            logits = self.forward([nxt], cache=cache)
+        text = tokenizer.decode(out) if tokenizer is not None else ""
+        return GenerationResult(list(prompt_ids), out, text, reason)
