@@ -1,0 +1,138 @@
+"""Command line: what the Makefile calls.  `python -m fp8parity {inspect,model,tiny,seven-b,run-all,faults}`.
+
+Every user-facing failure is a WorkbookError: one line on stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fp8parity.errors import WorkbookError
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from fp8parity.gguf_file import GGUFModel
+
+    card = GGUFModel(a.model).card()
+    if a.json:
+        print(json.dumps(card, indent=2))
+        return 0
+    c = card["config"]
+    print(f"file          {card['file']}")
+    print(f"size          {card['size_bytes']:,} bytes   sha256 {card['sha256']}")
+    print(f"model         {c['name']}  ({c['architecture']}, GGUF v{card['gguf_version']})")
+    print(f"layers        {c['n_layers']}   hidden {c['hidden']}   heads {c['n_heads']} / kv {c['n_kv_heads']}"
+          f"   head_dim {c['head_dim']}   ffn {c['ffn']}")
+    print(f"vocab         {c['vocab']}   tied embeddings {c['tied_embeddings']}   context {c['context']}")
+    print(f"rms_eps       {c['rms_eps']:.3g}   rope_theta {c['rope_theta']:g}   file_type {c['file_type']}")
+    types = ", ".join(f"{k} {v}" for k, v in card["tensor_types"].items())
+    print(f"tensors       {card['tensors']}: {types}")
+    print(f"bos/eos/pad   {c['bos_id']} / {c['eos_id']} / {c['pad_id']}   chat template: {card['has_chat_template']}")
+    specials = ", ".join(f"{k}={v}" for k, v in list(card["special_tokens"].items())[:8])
+    more = len(card["special_tokens"]) - 8
+    print(f"special       {specials}{f' (+{more} more)' if more > 0 else ''}")
+    return 0
+
+
+def _cmd_model(a: argparse.Namespace) -> int:
+    from fp8parity.models import DEFAULT_MODEL, fetch_default
+
+    path = fetch_default(Path(a.dest) if a.dest else DEFAULT_MODEL)
+    print(f"default model verified at {path}")
+    return 0
+
+
+def _cmd_tiny(a: argparse.Namespace) -> int:
+    from fp8parity.models import SynthSpec, write_synthetic
+
+    print(write_synthetic(Path(a.dest), SynthSpec(seed=a.seed)))
+    return 0
+
+
+def _cmd_seven_b(a: argparse.Namespace) -> int:
+    from fp8parity.models import TokenizerData, write_7b_shaped
+
+    src = Path(a.tokenizer)
+    tok = TokenizerData.load(src) if src.suffix == ".gz" else TokenizerData.from_gguf(src)
+    print(write_7b_shaped(Path(a.dest), tok))
+    return 0
+
+
+def _cmd_export_tokenizer(a: argparse.Namespace) -> int:
+    from fp8parity.models import TokenizerData
+
+    TokenizerData.from_gguf(Path(a.model)).save(Path(a.dest))
+    print(a.dest)
+    return 0
+
+
+def _cmd_run_all(a: argparse.Namespace) -> int:
+    from fp8parity.runner import run_all
+
+    return run_all(model=a.model, backend=a.backend, recipe=a.recipe, prompt=a.prompt, threshold=a.threshold,
+                   run_id=a.run_id, fault=a.fault, runs_dir=a.runs_dir, notebooks=a.notebooks)
+
+
+def _cmd_faults(a: argparse.Namespace) -> int:
+    from fp8parity.fault_bench import run_fault_bench
+
+    return run_fault_bench(model=a.model, backend=a.backend, runs_dir=a.runs_dir, only=a.only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fp8parity", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("inspect", help="print a model card of a GGUF")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_inspect)
+    s = sub.add_parser("model", help="fetch and verify the default model")
+    s.add_argument("--dest", default=None)
+    s.set_defaults(fn=_cmd_model)
+    s = sub.add_parser("tiny", help="write the tiny synthetic qwen2 GGUF")
+    s.add_argument("dest")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_tiny)
+    s = sub.add_parser("seven-b", help="write a 7B-shaped synthetic qwen2 GGUF (4.4 GB)")
+    s.add_argument("dest")
+    s.add_argument("--tokenizer", required=True, help="a qwen2 GGUF or an exported tokenizer .json.gz")
+    s.set_defaults(fn=_cmd_seven_b)
+    s = sub.add_parser("export-tokenizer", help="save a GGUF's tokenizer and template as .json.gz")
+    s.add_argument("model")
+    s.add_argument("dest")
+    s.set_defaults(fn=_cmd_export_tokenizer)
+    for name, fn in (("run-all", _cmd_run_all), ("faults", _cmd_faults)):
+        s = sub.add_parser(name)
+        s.add_argument("--model", required=True)
+        s.add_argument("--backend", default="auto")
+        s.add_argument("--runs-dir", default="runs")
+        if name == "run-all":
+            s.add_argument("--recipe", default="current")
+            s.add_argument("--prompt", default="What is 2+2?")
+            s.add_argument("--threshold", type=float, default=0.99)
+            s.add_argument("--run-id", default="")
+            s.add_argument("--fault", default="none")
+            s.add_argument("--notebooks", default="", help="comma-separated notebook numbers (default: all)")
+        else:
+            s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
+        s.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except WorkbookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
