@@ -1,0 +1,159 @@
+"""The CPU reference: internal consistency on the tiny model, and agreement with transformers' Qwen2
+loaded from the same real GGUF (an independent implementation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8parity.qwen2 import ForwardOptions, Qwen2Model, apply_rope, quantize_q8_k, rope_tables
+from fp8parity.taps import ALL_STAGES, LAYER_STAGES, Recorder
+from fp8parity.tokenizer import GGUFTokenizer
+
+PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string.", "Explain RMSNorm in one sentence."]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().reshape(1, -1), b.double().reshape(1, -1)))
+
+
+def test_prefill_and_serial_decode_agree(tiny):
+    m = Qwen2Model(tiny)
+    ids = GGUFTokenizer(tiny).chat_ids("What is 2+2?")
+    a, b = m.run(ids, "prefill"), m.run(ids, "decode")
+    assert a.shape == b.shape == (len(ids), tiny.config.vocab)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+
+
+def test_fp32_agrees_with_fp64(tiny):
+    ids = GGUFTokenizer(tiny).chat_ids("hello")
+    a = Qwen2Model(tiny).prefill(ids)
+    b = Qwen2Model(tiny, dtype=torch.float64).prefill(ids)
+    assert b.dtype == torch.float64
+    assert cosine(a, b) > 0.999999 and (a.double() - b).abs().max() < 1e-3
+
+
+def test_taps_cover_every_stage_in_order(tiny):
+    ids = GGUFTokenizer(tiny).encode("def f(x): return x")
+    rec = Recorder()
+    Qwen2Model(tiny).prefill(ids, rec)
+    stages = {s for _, _, s in rec.tensors}
+    assert stages == set(ALL_STAGES)
+    n = len(ids) * (2 + 1 + tiny.config.n_layers * len(LAYER_STAGES))
+    assert len(rec.tensors) == n
+    assert rec.tensors[(0, 0, "q_proj")].numel() == tiny.config.hidden
+
+
+def test_recorder_subset_and_off_by_default(tiny):
+    ids = GGUFTokenizer(tiny).encode("abc abc")
+    rec = Recorder(layers=[1], stages=["attn_norm", "logits"], positions=[0])
+    m = Qwen2Model(tiny)
+    m.prefill(ids, rec)
+    assert set(rec.tensors) == {(0, 1, "attn_norm"), (0, -1, "logits")}
+
+
+def test_rope_rotates_pairs_and_keeps_norm():
+    x = torch.randn(5, 2, 64, dtype=torch.float64)
+    cos, sin = rope_tables(torch.arange(5), 64, 1e6, torch.float64, "cpu")
+    y = apply_rope(x, cos, sin)
+    assert torch.allclose(y[0], x[0])  # position 0 is the identity
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-6)  # fp32 tables: ~1e-7 off unit length
+
+
+def test_q8_k_rounding_crushes_small_values_next_to_an_outlier():
+    x = torch.full((1, 256), 0.3)
+    x[0, 10] = -146.68  # the #3032 outlier
+    y = quantize_q8_k(x)
+    assert abs(float(y[0, 10]) + 146.68) < 1e-3
+    assert float((y[0, 11:] == 0).float().mean()) == 1.0  # 0.3 < half a step of 146.68/127
+
+
+def test_generation_stops_on_gguf_stop_tokens_and_reports_why(tiny):
+    tok = GGUFTokenizer(tiny)
+    stops = tok.stop_ids()
+    assert tok.eos_id in stops and tok.special["<|im_end|>"] in stops
+    m = Qwen2Model(tiny)
+    ids = tok.chat_ids("hi")
+    free = m.generate(ids, 6, None, tok)
+    assert free.stop_reason == "max_new_tokens" and len(free.tokens) == 6
+    first = free.tokens[2]
+    forced = m.generate(ids, 6, [first], tok)  # a stop set that the run must hit at step 3
+    assert forced.stop_reason == f"stop_token {first}" and forced.tokens == free.tokens[:3]
+
+
+def test_options_change_the_forward(tiny):
+    ids = GGUFTokenizer(tiny).encode("the quick brown fox")
+    base = Qwen2Model(tiny).prefill(ids)
+    for opt in (ForwardOptions(rms_eps=1e-2), ForwardOptions(rope_theta=1e4), ForwardOptions(embedding_row_offset=1),
+                ForwardOptions(transposed_weights=("blk.0.attn_q.weight",))):
+        assert not torch.allclose(Qwen2Model(tiny, options=opt).prefill(ids), base), opt
+
+
+# --- the independent implementation: transformers' Qwen2 from the same GGUF --------------------------
+@pytest.fixture(scope="module")
+def hf_model(default_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_path.parent), gguf_file=default_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(default):
+    return Qwen2Model(default), GGUFTokenizer(default)
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_transformers(default_path, ours):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(default_path.parent), gguf_file=default_path.name)
+    tok = ours[1]
+    texts = ["<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n    return x**2  # ünïcödé 日本語 🙂\n\n\n\t\t  x",
+             "   multiple   spaces\r\n\r\n", "I'm can't 12345 don't", "<|endoftext|><|fim_prefix|>a<|fim_suffix|>"]
+    for t in texts:
+        assert tok.encode(t) == hf.encode(t, add_special_tokens=False), t
+    for p in PROMPTS:
+        want = hf.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert tok.chat_ids(p) == list(want), p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_and_hidden_states_match_transformers(ours, hf_model, prompt):
+    model, tok = ours
+    ids = tok.chat_ids(prompt)
+    rec = Recorder(stages=["post_ffn_residual", "final_norm"])
+    logits = model.prefill(ids, rec)
+    with torch.no_grad():
+        out = hf_model(torch.tensor([ids]), output_hidden_states=True)
+    assert cosine(logits[-1], out.logits[0, -1]) >= 0.99999
+    assert float((logits[-1] - out.logits[0, -1]).abs().max()) <= 1e-3
+    hs = out.hidden_states  # [embeddings, after layer 0, ..., after layer n-2, final norm]
+    n = model.cfg.n_layers
+    for layer in range(n - 1):
+        mine = torch.stack([rec.tensors[(p, layer, "post_ffn_residual")] for p in range(len(ids))])
+        ref = hs[layer + 1][0]
+        assert cosine(mine, ref) >= 0.99999, layer
+        assert float((mine - ref).abs().max()) <= 1e-3, layer
+    mine = torch.stack([rec.tensors[(p, -1, "final_norm")] for p in range(len(ids))])
+    assert float((mine - hs[n][0]).abs().max()) <= 1e-3
+
+
+@pytest.mark.slow
+def test_greedy_32_tokens_match_transformers(ours, hf_model):
+    model, tok = ours
+    for prompt in PROMPTS[1:]:
+        ids = tok.chat_ids(prompt)
+        mine = model.generate(ids, 32, None, tok).tokens
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                    min_new_tokens=32)[0, len(ids):].tolist()
+        assert mine == ref, prompt
+
+
+@pytest.mark.slow
+def test_what_is_2_plus_2(ours):
+    model, tok = ours
+    r = model.generate(tok.chat_ids("What is 2+2?"), 32, tok.stop_ids(), tok)
+    assert tok.decode(r.tokens, skip_special=True) == "2 + 2 equals 4."
+    assert r.stop_reason == f"stop_token {tok.special['<|im_end|>']}"
