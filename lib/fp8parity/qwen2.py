@@ -120,7 +120,8 @@ class Qwen2Model:
     """
 
     def __init__(self, gguf: GGUFModel, backend=None, dtype: torch.dtype = torch.float32,
-                 options: ForwardOptions | None = None, keep_weights: bool | None = None):
+                 options: ForwardOptions | None = None, keep_weights: bool | None = None,
+                 weights: WeightStore | None = None):
         from fp8parity.backends import ReferenceBackend
 
         self.gguf = gguf
@@ -131,7 +132,8 @@ class Qwen2Model:
         self.options = options or ForwardOptions()
         if keep_weights is None:
             keep_weights = self._fp32_weight_bytes() < 6 * 2**30
-        self.weights = WeightStore(gguf, dtype, self.device, keep_weights)
+        share = weights is not None and weights.dtype == dtype and weights.device == self.device
+        self.weights = weights if share else WeightStore(gguf, dtype, self.device, keep_weights)
 
     def _fp32_weight_bytes(self) -> int:
         return sum(int(t.n_elements) * 4 for t in self.gguf.tensors.values())

@@ -28,7 +28,7 @@ class EmulatedFP8Backend(LinearBackend):
     name = "emulated-fp8"
 
     def __init__(self, granularity: str = "tensor", accumulate: str = "fp32", output_dtype: str = "fp32",
-                 bias_dtype: str = "bf16", stale_activation_cache: bool = False, collect_stats: bool = True):
+                 bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = True):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise WorkbookError(f"unknown FP8 granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}.")
@@ -41,6 +41,8 @@ class EmulatedFP8Backend(LinearBackend):
         self.calibrating = False
         self._amax_history: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._act_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Weights are constant: quantize each GEMM's weight once (values kept as exact fp32, stats kept).
+        self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
 
     def describe(self) -> dict:
         return super().describe() | {
@@ -49,45 +51,49 @@ class EmulatedFP8Backend(LinearBackend):
         }
 
     # --- scales ---------------------------------------------------------------------------------------
-    def _scales(self, x: torch.Tensor, w: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _input_scale(self, x: torch.Tensor, key: str) -> torch.Tensor:
         g = self.granularity
         if g in ("tensor", "batch-ftz"):
-            return fp8.scale_from_amax(fp8.amax_tensor(x)), fp8.scale_from_amax(fp8.amax_tensor(w))
+            return fp8.scale_from_amax(fp8.amax_tensor(x))
         if g == "delayed":
-            one = torch.ones(1, 1)
-            return one, one
+            return torch.ones(1, 1)
         if g == "delayed-calibrated":
-            ax, aw = fp8.amax_tensor(x), fp8.amax_tensor(w)
-            if self.calibrating or key not in self._amax_history:
-                if key in self._amax_history:
-                    ax = torch.maximum(ax, self._amax_history[key][0])
-                self._amax_history[key] = (ax, aw)
-            hx, hw = self._amax_history[key]
-            return fp8.scale_from_amax(hx), fp8.scale_from_amax(hw)
+            seen = self._amax_history.get(key)
+            if self.calibrating or seen is None:
+                amax = fp8.amax_tensor(x) if seen is None else torch.maximum(fp8.amax_tensor(x), seen)
+                self._amax_history[key] = seen = amax
+            return fp8.scale_from_amax(seen)
         if g == "rowwise":
-            return fp8.scale_from_amax(fp8.amax_rows(x)), fp8.scale_from_amax(fp8.amax_rows(w)).t()
+            return fp8.scale_from_amax(fp8.amax_rows(x))
+        return fp8.scale_from_amax(fp8.amax_blocks(x, 1, BLOCK), pow2=True)  # block
+
+    def _weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """Scale already expanded to w's layout where it is not a scalar."""
+        g = self.granularity
+        if g == "delayed":
+            return torch.ones(1, 1)
+        if g == "rowwise":
+            return fp8.scale_from_amax(fp8.amax_rows(w))
         if g == "block":
-            sx = fp8.scale_from_amax(fp8.amax_blocks(x, 1, BLOCK), pow2=True)
-            sw = fp8.scale_from_amax(fp8.amax_blocks(w, BLOCK, BLOCK), pow2=True)
-            return sx, sw
-        raise AssertionError(g)
+            return fp8.expand_blocks(fp8.scale_from_amax(fp8.amax_blocks(w, BLOCK, BLOCK), pow2=True),
+                                     BLOCK, BLOCK, tuple(w.shape))
+        return fp8.scale_from_amax(fp8.amax_tensor(w))  # tensor, batch-ftz, delayed-calibrated
 
     def quantize_operands(self, x: torch.Tensor, w: torch.Tensor, key: str = "gemm"):
         """-> (xq, wq, sx, sw): e4m3 operands and quantization scales in the granularity's layout."""
-        x32, w32 = x.to(torch.float32), w.to(torch.float32)
-        sx, sw = self._scales(x32, w32, key)
-        if self.granularity == "block":
-            sxe = fp8.expand_blocks(sx, 1, BLOCK, tuple(x32.shape))
-            swe = fp8.expand_blocks(sw, BLOCK, BLOCK, tuple(w32.shape))
-        elif self.granularity == "rowwise":
-            sxe, swe = sx, sw.t()
-        else:
-            sxe, swe = sx, sw
+        x32 = x.to(torch.float32)
+        if key not in self._weights:
+            w32 = w.to(torch.float32)
+            swe = self._weight_scale(w32)
+            wq = fp8.quantize(w32, swe)
+            wstats = fp8.quant_stats(w32, swe, wq).to_dict() if self.collect_stats else {}
+            self._weights[key] = (wq.to(torch.float32), swe, wstats)
+        wq, swe, wstats = self._weights[key]
+        sx = self._input_scale(x32, key)
+        sxe = fp8.expand_blocks(sx, 1, BLOCK, tuple(x32.shape)) if self.granularity == "block" else sx
         xq = fp8.quantize(x32, sxe, flush_subnormals=self.granularity == "batch-ftz")
-        wq = fp8.quantize(w32, swe)
         if self.collect_stats:
-            self.stats[key] = {"input": fp8.quant_stats(x32, sxe, xq).to_dict(),
-                               "weight": fp8.quant_stats(w32, swe, wq).to_dict()}
+            self.stats[key] = {"input": fp8.quant_stats(x32, sxe, xq).to_dict(), "weight": wstats}
         return xq, wq, sxe, swe
 
     # --- GEMM -----------------------------------------------------------------------------------------
@@ -99,7 +105,7 @@ class EmulatedFP8Backend(LinearBackend):
             wd = wq.to(acc) / swe.to(acc)
             return self._accumulate(xd, wd, acc)
         y = self._accumulate(xq.to(acc), wq.to(acc), acc)
-        if self.granularity == "rowwise":
+        if self.granularity == "rowwise":  # sxe (T, 1), swe (N, 1)
             return y * (1.0 / sxe).to(acc) * (1.0 / swe).t().to(acc)
         # per-tensor: cuBLAS applies alpha = scale_inv_a * scale_inv_b once, in fp32
         alpha = ((1.0 / sxe) * (1.0 / swe)).to(torch.float32).to(acc)

@@ -1,0 +1,118 @@
+"""Parity metrics: small pure functions, computed in float64 (the reference is always the second argument).
+
+NaN anywhere makes cosine NaN, and NaN never passes a threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FNV_OFFSET, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
+
+
+def _f64(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(-1)
+
+
+def cosine(candidate, reference) -> float:
+    a, b = _f64(candidate), _f64(reference)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b) / (na * nb)
+
+
+def max_abs_diff(candidate, reference) -> float:
+    return float((_f64(candidate) - _f64(reference)).abs().max())
+
+
+def rel_l2(candidate, reference) -> float:
+    a, b = _f64(candidate), _f64(reference)
+    nb = float(b.norm())
+    return float((a - b).norm()) / nb if nb else (0.0 if float(a.norm()) == 0 else math.inf)
+
+
+def sqnr_db(candidate, reference) -> float:
+    """Signal-to-quantization-noise ratio: 10 log10(|ref|^2 / |cand - ref|^2); inf when identical."""
+    a, b = _f64(candidate), _f64(reference)
+    noise = float(((a - b) ** 2).sum())
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(float((b**2).sum()) / noise) if float((b**2).sum()) else -math.inf
+
+
+def _ordered_int(x: torch.Tensor) -> np.ndarray:
+    """fp32 bits mapped so that integer order is float order (negative floats flipped)."""
+    i = x.detach().to("cpu", torch.float32).reshape(-1).numpy().view(np.int32).astype(np.int64)
+    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def ulp_distance(candidate, reference) -> np.ndarray:
+    """Per element: how many fp32 values lie between candidate and reference."""
+    return np.abs(_ordered_int(torch.as_tensor(candidate)) - _ordered_int(torch.as_tensor(reference)))
+
+
+def fnv1a64(x) -> str:
+    """FNV-1a 64 over the little-endian float32 bytes (as the investigation hashed its logits)."""
+    data = torch.as_tensor(x).detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    h = FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * FNV_PRIME) & MASK64
+    return f"{h:016x}"
+
+
+@dataclass
+class AffineFit:
+    """candidate ~ slope * reference + intercept by ordinary least squares over all elements."""
+
+    slope: float
+    intercept: float
+    pearson_r: float
+    residual_rms: float
+    top_residuals: list[tuple[int, float]]  # (index, residual), largest |residual| first
+
+    def to_dict(self) -> dict:
+        return {"slope": self.slope, "intercept": self.intercept, "pearson_r": self.pearson_r,
+                "residual_rms": self.residual_rms, "top_residuals": self.top_residuals}
+
+    def __str__(self) -> str:
+        return f"candidate = {self.slope:.4f} * reference {self.intercept:+.4f}  (r = {self.pearson_r:.6f})"
+
+
+def affine_fit(candidate, reference, top: int = 10) -> AffineFit:
+    y, x = _f64(candidate), _f64(reference)
+    mx, my = x.mean(), y.mean()
+    dx, dy = x - mx, y - my
+    var_x = float((dx * dx).mean())
+    cov = float((dx * dy).mean())
+    slope = cov / var_x if var_x else float("nan")
+    intercept = float(my) - slope * float(mx)
+    denom = math.sqrt(var_x * float((dy * dy).mean()))
+    r = cov / denom if denom else float("nan")
+    resid = y - (slope * x + intercept)
+    k = min(top, resid.numel())
+    idx = torch.topk(resid.abs(), k).indices.tolist() if k else []
+    return AffineFit(slope, intercept, r, float(resid.pow(2).mean().sqrt()), [(int(i), float(resid[i])) for i in idx])
+
+
+def row_metrics(candidate, reference) -> dict:
+    """Everything one (position, layer, stage) row reports."""
+    ulp = ulp_distance(candidate, reference)
+    return {
+        "cosine": cosine(candidate, reference),
+        "max_abs": max_abs_diff(candidate, reference),
+        "rel_l2": rel_l2(candidate, reference),
+        "sqnr_db": sqnr_db(candidate, reference),
+        "ulp_max": int(ulp.max()) if ulp.size else 0,
+        "ulp_median": float(np.median(ulp)) if ulp.size else 0.0,
+        "ref_checksum": fnv1a64(reference),
+        "cand_checksum": fnv1a64(candidate),
+    }

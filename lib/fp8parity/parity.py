@@ -1,0 +1,95 @@
+"""Compare two traces: a row per (position, layer, stage), the per-(layer, stage) table, first divergence.
+
+A tap present on one side only is UNMEASURED: listed, never scored, never the first divergence (#3729).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from fp8parity.metrics import row_metrics
+from fp8parity.taps import TapKey, forward_order
+
+DEFAULT_THRESHOLD = 0.99
+MEASURED, UNMEASURED = "measured", "UNMEASURED"
+
+
+def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey, torch.Tensor],
+                   threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """One row per tap on either side, in forward order."""
+    rows = []
+    for key in sorted(set(reference) | set(candidate), key=lambda k: (forward_order(k[2], k[1]), k[0])):
+        pos, layer, stage = key
+        row = {"position": pos, "layer": layer, "stage": stage}
+        if key in reference and key in candidate:
+            row |= {"status": MEASURED} | row_metrics(candidate[key], reference[key])
+            row["passed"] = bool(row["cosine"] >= threshold)  # NaN compares False: never passes
+        else:
+            row |= {"status": UNMEASURED, "passed": None, "missing_on": "candidate" if key in reference else "reference"}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_stage(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (layer, stage) in forward order: min cosine and where, max abs diff, positions compared."""
+    out = []
+    for (layer, stage), g in rows.groupby(["layer", "stage"], sort=False):
+        m = g[g.status == MEASURED]
+        if m.empty:
+            out.append({"layer": layer, "stage": stage, "status": UNMEASURED, "min_cosine": math.nan,
+                        "min_position": None, "max_abs": math.nan, "positions": 0})
+            continue
+        cos = m.cosine.fillna(-math.inf)
+        worst = m.loc[cos.idxmin()]
+        out.append({"layer": layer, "stage": stage, "status": MEASURED, "min_cosine": float(worst.cosine),
+                    "min_position": int(worst.position), "max_abs": float(m.max_abs.max()), "positions": len(m)})
+    df = pd.DataFrame(out)
+    df["order"] = [forward_order(s, L) for L, s in zip(df.layer, df.stage, strict=True)]
+    return df.sort_values("order").drop(columns="order").reset_index(drop=True)
+
+
+@dataclass
+class Divergence:
+    stage: str
+    layer: int
+    min_cosine: float
+    min_position: int
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}, stage {self.stage}" if self.layer >= 0 else f"stage {self.stage}"
+        return f"{where} (cosine {self.min_cosine:.6f} at position {self.min_position})"
+
+
+def first_divergence(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> Divergence | None:
+    """The first measured (layer, stage) in forward order whose min cosine is below threshold (or NaN)."""
+    for r in table.itertuples():
+        if r.status == MEASURED and not (r.min_cosine >= threshold):
+            return Divergence(r.stage, int(r.layer), float(r.min_cosine), int(r.min_position))
+    return None
+
+
+def parity_report(table: pd.DataFrame, model: str, positions: list[int], threshold: float) -> dict:
+    """The JSON of `apr parity --per-op`: model, positions, threshold, first_divergence, rows."""
+    fd = first_divergence(table, threshold)
+    rows = [{"stage": r.stage, "layer": int(r.layer), "status": r.status,
+             "min_cosine": None if math.isnan(r.min_cosine) else r.min_cosine,
+             "min_position": r.min_position, "max_abs": None if math.isnan(r.max_abs) else r.max_abs,
+             "positions": int(r.positions)} for r in table.itertuples()]
+    return {"model": model, "positions": positions, "threshold": threshold,
+            "first_divergence": None if fd is None else fd.__dict__, "rows": rows}
+
+
+def layer_jsons(rows: pd.DataFrame) -> list[dict]:
+    """Stage B's spec schema, one record per (layer, stage) at its worst position."""
+    out = []
+    m = rows[rows.status == MEASURED]
+    for (layer, stage), g in m.groupby(["layer", "stage"], sort=False):
+        w = g.loc[g.cosine.fillna(-math.inf).idxmin()]
+        out.append({"layer_idx": int(layer), "stage": stage, "position": int(w.position),
+                    "cpu_checksum": w.ref_checksum, "gpu_checksum": w.cand_checksum,
+                    "cosine": None if math.isnan(w.cosine) else float(w.cosine), "max_abs_diff": float(w.max_abs)})
+    return out

@@ -1,0 +1,136 @@
+"""What every notebook opens first: the model, its tokenizer, the reference, the candidate and the fp64 oracle.
+
+The reference is the CPU fp32 forward; the candidate is the same forward with the chosen linear backend
+(and a fault, if one is injected); the oracle is the fp64 CPU forward that judges both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fp8parity.backends import make_backend
+from fp8parity.errors import WorkbookError
+from fp8parity.faults import Fault, get_fault
+from fp8parity.gguf_file import GGUFModel
+from fp8parity.qwen2 import ForwardOptions, Qwen2Model
+from fp8parity.tokenizer import GGUFTokenizer
+from fp8parity.trace import machine, versions
+
+PROBE_TOKEN = 791  # the investigation's stage-A probe token
+
+
+@dataclass
+class Params:
+    """The notebooks' parameters cell, as one object."""
+
+    model: str
+    backend: str = "auto"
+    recipe: str = "current"
+    prompts: list[str] = field(default_factory=lambda: ["What is 2+2?"])
+    threshold: float = 0.99
+    run_dir: str = "runs/interactive"
+    fault: str = "none"
+    accumulate: str = "fp32"
+
+
+class Workbench:
+    def __init__(self, params: Params):
+        self.params = params
+        self.fault: Fault = get_fault(params.fault)
+        t0 = time.perf_counter()
+        self.gguf = GGUFModel(params.model)
+        self.tok = GGUFTokenizer(self.gguf)
+        self.run_dir = Path(params.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ref_opts = self.fault.forward_options() if self.fault.side == "reference" else ForwardOptions()
+        cand_opts = self.fault.forward_options() if self.fault.side == "candidate" else ForwardOptions()
+        self.reference = Qwen2Model(self.gguf, options=ref_opts)
+        recipe = self.fault.recipe or params.recipe
+        backend_opts = dict(self.fault.backend_options)
+        granularity = backend_opts.pop("granularity", None)
+        self.backend = make_backend(params.backend, recipe=recipe, accumulate=params.accumulate, **backend_opts)
+        if granularity is not None:
+            if self.backend.name != "emulated-fp8":
+                raise WorkbookError(f"fault {self.fault.name} needs BACKEND=emulated-fp8, not {self.backend.name}.")
+            self.backend.granularity = granularity
+        if backend_opts and self.backend.name != "emulated-fp8":
+            raise WorkbookError(f"fault {self.fault.name} is injected through emulated-fp8; run it with BACKEND=emulated-fp8.")
+        self.candidate = Qwen2Model(self.gguf, backend=self.backend, options=cand_opts,
+                                    weights=self.reference.weights)
+        self._oracle: Qwen2Model | None = None
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def oracle(self) -> Qwen2Model:
+        """fp64 CPU forward, weights streamed (a second fp64 copy of the weights would double memory)."""
+        if self._oracle is None:
+            self._oracle = Qwen2Model(self.gguf, dtype=torch.float64, keep_weights=False)
+        return self._oracle
+
+    def prompt_ids(self, i: int = 0) -> list[int]:
+        return self.tok.chat_ids(self.params.prompts[i])
+
+    def prepare_candidate(self, ids: list[int]) -> None:
+        """Recipes that need calibration (delayed-calibrated) see the prompt once before they are judged."""
+        b = self.backend
+        if getattr(b, "recipe_name", getattr(b, "granularity", "")) != "delayed-calibrated":
+            return
+        if hasattr(b, "phase"):  # te: calibrate, then one forward with grad enabled updates the scales
+            for phase in ("calibrate", "update"):
+                b.phase = phase
+                self.candidate.prefill(ids, logits_for="last")
+            b.phase = "run"
+        else:
+            b.calibrating = True
+            self.candidate.prefill(ids, logits_for="last")
+            b.calibrating = False
+
+    def provenance(self) -> dict:
+        """What every report states: model, file hash, backend, recipe, fault, card, versions."""
+        return {
+            "model": self.gguf.config.name, "model_file": str(self.gguf.path), "model_sha256": self.gguf.sha256,
+            "backend": self.backend.describe(), "recipe": self.fault.recipe or self.params.recipe,
+            "fault": self.fault.name, "threshold": self.params.threshold, "prompts": self.params.prompts,
+            "machine": machine(), "versions": versions(),
+        }
+
+    def provenance_markdown(self) -> str:
+        p = self.provenance()
+        b = p["backend"]
+        lines = [f"**model** {p['model']} (`{Path(p['model_file']).name}`, sha256 `{p['model_sha256'][:16]}…`)",
+                 f"**candidate backend** {b.get('name')} — recipe `{p['recipe']}`"
+                 + (f", granularity `{b['granularity']}`" if "granularity" in b else "")
+                 + (f", accumulate `{b['accumulate']}`" if "accumulate" in b else ""),
+                 f"**fault injected** `{p['fault']}`   **threshold** {p['threshold']}",
+                 f"**card** {p['machine']['card'] or 'none (CPU only)'}   **host** {p['machine']['host']}"
+                 f" ({p['machine']['threads']} threads)",
+                 "**versions** " + ", ".join(f"{k} {v}" for k, v in p["versions"].items())]
+        return "\n\n".join(lines)
+
+    def save_json(self, name: str, obj) -> Path:
+        path = self.run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        tmp.replace(path)
+        return path
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "__dict__"):
+        return o.__dict__
+    return str(o)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
