@@ -27,6 +27,7 @@ class Fault:
     backend_options: dict = field(default_factory=dict)  # emulated-fp8 options on the candidate backend
     recipe: str | None = None  # recipe forced on the candidate
     stop_tokens: bool = True  # False: generate without the GGUF's stop tokens
+    fp8: bool = False  # an FP8 bug class: injected on an FP8 candidate and judged against the clean FP8 run
     backends: tuple[str, ...] = ("emulated-fp8", "te", "torch-fp8", "bf16", "reference")
 
     def forward_options(self) -> ForwardOptions:
@@ -41,15 +42,15 @@ CATALOGUE: tuple[Fault, ...] = (
           expected_stage="D", expected_layer=0, expected_op="attn_norm", options={"rms_eps": 1e-5}),
     Fault("delayed-scaling-uncalibrated", "TE DelayedScaling under no_grad: scales stay 1.0", "FP8-NOTES pitfall",
           expected_stage="E", expected_layer=0, expected_op="q_proj", recipe="delayed",
-          backends=("emulated-fp8", "te")),
+          backends=("emulated-fp8", "te"), fp8=True),
     Fault("per-batch-scale-ftz", "one per-batch E4M3 scale with subnormals flushed to zero", "#3807",
           expected_stage="E", expected_layer=0, expected_op="q_proj", backend_options={"granularity": "batch-ftz"},
-          backends=("emulated-fp8",)),
+          backends=("emulated-fp8",), fp8=True),
     Fault("fp16-gemm-output", "FP8 GEMM output stored as fp16 (overflow above 65504)", "#3728",
-          expected_stage="E", backend_options={"output_dtype": "fp16"}, backends=("emulated-fp8",)),
+          expected_stage="E", backend_options={"output_dtype": "fp16"}, backends=("emulated-fp8",), fp8=True),
     Fault("stale-activation-cache", "quantized activations cached by (pointer, count) reused across GEMMs", "#3727",
           expected_stage="B", expected_layer=0, expected_op="attn_out",
-          backend_options={"stale_activation_cache": True}, backends=("emulated-fp8",)),
+          backend_options={"stale_activation_cache": True}, backends=("emulated-fp8",), fp8=True),
     Fault("transposed-q-weight", "a GEMV read the weights transposed", "#1651", expected_stage="E",
           expected_layer=0, expected_op="q_proj", options={"transposed_weights": ("blk.0.attn_q.weight",)}),
     Fault("embedding-off-by-one", "embedding row id+1 read for each token", "spec stage C", expected_stage="C",
@@ -59,7 +60,7 @@ CATALOGUE: tuple[Fault, ...] = (
     Fault("reference-q8k-activations", "the reference quantizes activations like Q8_K (one scale per 256)",
           "#3032 / #2971", expected_stage="B", side="reference", options={"activation_quant": "q8_k"}),
     Fault("bias-bf16", "Q/K/V bias rounded to bf16 (TE does this): a small honest drift", "FP8-NOTES",
-          expected_stage="none", backend_options={"bias_dtype": "bf16"}),
+          expected_stage="none", backend_options={"bias_dtype": "bf16"}, fp8=True),
 )
 FAULTS = {f.name: f for f in CATALOGUE}
 

@@ -17,6 +17,7 @@ E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0**-6
 E4M3_MIN_SUBNORMAL = 2.0**-9
 E4M3_UNIT_ROUNDOFF = 2.0**-4
+E4M3_SATURATION = 464.0  # round-to-nearest would take anything below 464 to 448: only beyond it is clipping
 FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -54,7 +55,7 @@ class QuantStats:
     scale_max: float
     frac_zeroed: float  # nonzero inputs that became exactly 0
     frac_subnormal: float  # nonzero results below E4M3's smallest normal (2^-6): 1-3 bits left
-    frac_saturated: float  # |x * scale| above 448, clipped
+    frac_saturated: float  # |x * scale| beyond what rounds to 448 (>= 464), clipped
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -72,7 +73,7 @@ def quant_stats(x: torch.Tensor, scale: torch.Tensor, q: torch.Tensor) -> QuantS
         scale_max=float(s.max()),
         frac_zeroed=float(((qf == 0) & nz).sum()) / n,
         frac_subnormal=float(((qf.abs() < E4M3_MIN_NORMAL) & (qf != 0)).sum()) / n,
-        frac_saturated=float((xs.abs() > E4M3_MAX).sum()) / n,
+        frac_saturated=float((xs.abs() >= E4M3_SATURATION).sum()) / n,
     )
 
 
@@ -98,11 +99,13 @@ def expand_blocks(s: torch.Tensor, rows: int, cols: int, shape: tuple[int, int])
     return s.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[: shape[0], : shape[1]]
 
 
-def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round fp32 values to `bits` explicit mantissa bits (RNE): a model of a narrow accumulator."""
+def round_mantissa(x: torch.Tensor, bits: int, truncate: bool = False) -> torch.Tensor:
+    """Keep `bits` explicit mantissa bits of fp32 values (RNE, or toward zero): a model of a narrow accumulator."""
     drop = 23 - bits
     i = x.to(torch.float32).contiguous().view(torch.int32)
-    half = 1 << (drop - 1)
-    lsb = (i >> drop) & 1
-    i = ((i + half - 1 + lsb) >> drop) << drop
+    if not truncate:
+        half = 1 << (drop - 1)
+        lsb = (i >> drop) & 1
+        i = i + half - 1 + lsb
+    i = (i >> drop) << drop
     return i.view(torch.float32)

@@ -83,13 +83,17 @@ def parity_report(table: pd.DataFrame, model: str, positions: list[int], thresho
             "first_divergence": None if fd is None else fd.__dict__, "rows": rows}
 
 
-def layer_jsons(rows: pd.DataFrame) -> list[dict]:
-    """Stage B's spec schema, one record per (layer, stage) at its worst position."""
+def layer_jsons(rows: pd.DataFrame, reference: dict[TapKey, torch.Tensor],
+                candidate: dict[TapKey, torch.Tensor]) -> list[dict]:
+    """Stage B's spec schema, one record per (layer, stage) at its worst position (checksums: FNV-1a-64)."""
+    from fp8parity.metrics import fnv1a64
+
     out = []
     m = rows[rows.status == MEASURED]
     for (layer, stage), g in m.groupby(["layer", "stage"], sort=False):
         w = g.loc[g.cosine.fillna(-math.inf).idxmin()]
         out.append({"layer_idx": int(layer), "stage": stage, "position": int(w.position),
-                    "cpu_checksum": w.ref_checksum, "gpu_checksum": w.cand_checksum,
+                    "cpu_checksum": fnv1a64(reference[(int(w.position), int(layer), stage)]),
+                    "gpu_checksum": fnv1a64(candidate[(int(w.position), int(layer), stage)]),
                     "cosine": None if math.isnan(w.cosine) else float(w.cosine), "max_abs_diff": float(w.max_abs)})
     return out

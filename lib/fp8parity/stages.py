@@ -107,7 +107,7 @@ def stage_b(wb: Workbench, paths=("prefill", "decode"), prompts: list[int] | Non
             fd = parity.first_divergence(table, th)
             reports[f"prompt{i}-{path}"] = parity.parity_report(table, wb.gguf.config.name, list(range(len(ids))), th)
             wb.save_json(f"stage_b/prompt{i}-{path}/parity.json", reports[f"prompt{i}-{path}"])
-            for rec in parity.layer_jsons(rows):
+            for rec in parity.layer_jsons(rows, ref, cand):
                 wb.save_json(f"stage_b/prompt{i}-{path}/layer_{rec['layer_idx']:02d}_{rec['stage']}.json", rec)
             table.insert(0, "path", path)
             table.insert(0, "prompt", i)
@@ -206,7 +206,7 @@ def stage_d(wb: Workbench, max_ulp: int = 1) -> tuple[Verdict, pd.DataFrame, dic
     x0 = torch.stack([rec.tensors[(p, -1, "embedding")] for p in range(T)])
     w0 = wb.reference.weights.get("blk.0.attn_norm.weight")
     good, wrong = rms_norm(x0, w0, wb.gguf.config.rms_eps), rms_norm(x0, w0, 1e-5)
-    eps_ulp = metrics.ulp_distance(wrong, good)
+    eps_ulp = metrics.ulp_distance(wrong, good).reshape(T, -1)
     eps_effect = {"file_eps": wb.gguf.config.rms_eps, "wrong_eps": 1e-5, "max_ulp": int(eps_ulp.max()),
                   "median_ulp": float(np.median(eps_ulp)), "max_abs": metrics.max_abs_diff(wrong, good),
                   "cosine": metrics.cosine(wrong, good), "rel_l2": metrics.rel_l2(wrong, good),
@@ -216,7 +216,8 @@ def stage_d(wb: Workbench, max_ulp: int = 1) -> tuple[Verdict, pd.DataFrame, dic
                "worst_layer": int(worst.layer), "worst_max_ulp": int(worst.max_ulp), "eps_1e-5_effect": eps_effect,
                "layer0_ulp_per_dim_max": ulps_l0.max(0).tolist()}
     ok = bool((df.max_ulp <= max_ulp).all())
-    eps_note = "" if abs(eps_c - wb.gguf.config.rms_eps) < 1e-12 else f" The candidate uses eps {eps_c:g}, the file says {wb.gguf.config.rms_eps:g}."
+    file_eps = wb.gguf.config.rms_eps
+    eps_note = "" if abs(eps_c - file_eps) < 1e-12 else f" The candidate uses eps {eps_c:g}, the file says {file_eps:g}."
     summary = (f"attn_norm on the candidate is within {max_ulp} ULP of the reference on every dim of all {n} layers "
                f"(worst {int(worst.max_ulp)} ULP, layer {int(worst.layer)})." if ok else
                f"attn_norm differs by up to {int(worst.max_ulp)} ULP (layer {int(worst.layer)}, "
@@ -225,18 +226,28 @@ def stage_d(wb: Workbench, max_ulp: int = 1) -> tuple[Verdict, pd.DataFrame, dic
 
 
 # --- E: Q/K/V FP8 matmul ---------------------------------------------------------------------------------------
+def control_granularity(backend) -> str:
+    """The E4M3 rounding the backend's recipe applies, for the cast-to-representable control."""
+    g = getattr(backend, "granularity", None)
+    if g is not None:
+        return "tensor" if g in ("batch-ftz", "delayed-calibrated") else g
+    recipe = getattr(backend, "recipe_name", "current")
+    return {"block": "block", "delayed": "delayed"}.get(recipe, "tensor")
+
+
 def gemm_parity(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, backend, key: str) -> dict:
     """One GEMM on the candidate backend vs fp64, plus the cast-to-representable control."""
     x64, w64 = x.double(), w.double()
     exact = x64 @ w64.t() + (b.double() if b is not None else 0)
     y = backend.linear(x.to(getattr(backend, "device", "cpu")), w, b, key).cpu().double()
     # control: the same operands rounded to E4M3 exactly as the backend's recipe would, multiplied in fp64
-    granularity = getattr(backend, "granularity", None) or {"current": "tensor", "block": "block", "delayed": "delayed",
-                                                           "delayed-calibrated": "tensor"}.get(getattr(backend, "recipe_name", ""), "tensor")
-    emu = EmulatedFP8Backend(granularity if granularity != "batch-ftz" else "tensor", accumulate="fp64",
-                             collect_stats=True)
+    emu = EmulatedFP8Backend(control_granularity(backend), accumulate="fp64")
     xq, wq, sx, sw = emu.quantize_operands(x.cpu().float(), w.cpu().float(), key)
     control = emu._gemm(xq, wq, sx, sw) + (b.double() if b is not None else 0)
+    # the yardstick: a well-scaled E4M3 GEMM (current per-tensor scales), same operands, fp64 sums
+    good = EmulatedFP8Backend("tensor", accumulate="fp64")
+    xq, wq, sx, sw = good.quantize_operands(x.cpu().float(), w.cpu().float(), key)
+    well_scaled = good._gemm(xq, wq, sx, sw) + (b.double() if b is not None else 0)
     err = (y - exact).abs()
     per_dim = ((y - exact).norm(dim=0) / exact.norm(dim=0).clamp_min(1e-30)).numpy()
     return {
@@ -248,6 +259,7 @@ def gemm_parity(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, backen
         "nonfinite": int((~torch.isfinite(y)).sum()),
         "control_rel_l2": metrics.rel_l2(control, exact), "control_cosine": metrics.cosine(control, exact),
         "candidate_vs_control_rel_l2": metrics.rel_l2(y, control),
+        "well_scaled_rel_l2": metrics.rel_l2(well_scaled, exact),
         "stats": backend.stats.get(key, emu.stats.get(key)), "per_dim": per_dim,
     }
 
@@ -282,8 +294,8 @@ def stage_e(wb: Workbench, layer: int = 0, synthetic_batches=(1, 8, 16, 64, 128)
     th = wb.params.threshold
     finite = bool((model_rows.nonfinite == 0).all())
     cos_ok = bool((model_rows.cosine >= th).all())
-    # beyond quantization: the GEMM adds error the cast-to-representable control does not have
-    accum_ok = bool((model_rows.candidate_vs_control_rel_l2 <= 0.5 * model_rows.control_rel_l2 + 1e-3).all())
+    # no worse than a well-scaled E4M3 GEMM of the same operands (25% and 1e-3 absolute of headroom for accumulation)
+    accum_ok = bool((model_rows.rel_l2 <= 1.25 * model_rows.well_scaled_rel_l2 + 1e-3).all())
     spec_1pct = bool((model_rows.dims_over_1pct == 0).all())
     ok = finite and cos_ok and accum_ok
     worst = model_rows.sort_values("cosine").iloc[0]
@@ -291,18 +303,22 @@ def stage_e(wb: Workbench, layer: int = 0, synthetic_batches=(1, 8, 16, 64, 128)
                "min_cosine": float(model_rows.cosine.min()), "worst_gemm": worst.gemm,
                "max_rel_err_per_dim": float(model_rows.max_rel_err_per_dim.max()),
                "control_rel_l2": float(worst.control_rel_l2), "candidate_rel_l2": float(worst.rel_l2),
+               "well_scaled_rel_l2": float(worst.well_scaled_rel_l2),
                "accumulation_ok": accum_ok}
     rule = "meets" if spec_1pct else "fails"
     if ok:
         summary = (f"layer-{layer} Q/K/V on the candidate keep cosine ≥ {th} (worst {worst.gemm} {worst.cosine:.5f}) and "
-                   f"add no error beyond E4M3 rounding of the operands (candidate rel. error {worst.rel_l2:.4f} vs "
-                   f"control {worst.control_rel_l2:.4f}); the spec's 1%-per-dim rule {rule} "
-                   f"(max {numbers['max_rel_err_per_dim']:.2%}), as per-tensor E4M3 is expected to.")
+                   f"are no worse than a well-scaled E4M3 GEMM of the same operands (rel. error {worst.rel_l2:.4f} vs "
+                   f"{worst.well_scaled_rel_l2:.4f}; own-recipe cast-to-representable control {worst.control_rel_l2:.4f}, "
+                   f"so the rest is accumulation); the spec's 1%-per-dim rule {rule} "
+                   f"(max {numbers['max_rel_err_per_dim']:.2%}), as E4M3 (unit roundoff 2^-4) is expected to.")
     else:
         why = [] if finite else ["non-finite outputs"]
         why += [] if cos_ok else [f"cosine {worst.cosine:.5f} < {th} on {worst.gemm}"]
-        why += [] if accum_ok else [f"error beyond operand rounding (candidate {worst.rel_l2:.4f} vs control "
-                                    f"{worst.control_rel_l2:.4f})"]
+        bad = model_rows.loc[(model_rows.rel_l2 / model_rows.well_scaled_rel_l2).idxmax()]
+        culprit = "the recipe's rounding" if bad.control_rel_l2 > 1.25 * bad.well_scaled_rel_l2 else "the GEMM itself"
+        why += [] if accum_ok else [f"{bad.gemm} error {bad.rel_l2:.4f} exceeds a well-scaled E4M3 GEMM's "
+                                    f"{bad.well_scaled_rel_l2:.4f} (own-recipe control {bad.control_rel_l2:.4f}: {culprit})"]
         summary = f"layer-{layer} Q/K/V FP8 GEMMs fail: {'; '.join(why)}; the spec's 1% rule {rule}."
     return Verdict("E", PASS if ok else FAIL, summary, numbers), df, per_dim
 
@@ -314,6 +330,9 @@ def stage_f(wb: Workbench, runs: int = 5, max_new_tokens: int = 48, stop_tokens:
     reference's output. Also shows what generation does without stop tokens (the real cause, PR #1890)."""
     use_stops = wb.fault.stop_tokens if stop_tokens is None else stop_tokens
     stops = wb.tok.stop_ids()
+    collect = getattr(wb.backend, "collect_stats", None)
+    if collect is not None:
+        wb.backend.collect_stats = False  # per-GEMM statistics cost more than a decode step; stage E shows them
     rows = []
     for i, prompt in enumerate(tqdm(wb.params.prompts, desc="stage F prompts")):
         ids = wb.prompt_ids(i)
@@ -327,6 +346,8 @@ def stage_f(wb: Workbench, runs: int = 5, max_new_tokens: int = 48, stop_tokens:
                          "im_start_count": out.text.count("<|im_start|>")})
     df = pd.DataFrame(rows)
     no_stop = wb.candidate.generate(wb.prompt_ids(0), max_new_tokens, None, wb.tok)
+    if collect is not None:
+        wb.backend.collect_stats = collect
     deterministic = bool(df.groupby("prompt").output.nunique().max() == 1)
     ok = bool(df.matches_golden.all())
     numbers = {"runs": runs, "stop_ids": stops, "stop_tokens_used": use_stops, "deterministic": deterministic,

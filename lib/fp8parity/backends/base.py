@@ -14,6 +14,7 @@ class LinearBackend:
 
     def __init__(self) -> None:
         self.stats: dict[str, dict] = {}
+        self.collect_stats = True  # per-GEMM FP8 statistics (turned off where they cost more than they tell)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.Tensor:
         raise NotImplementedError

@@ -20,7 +20,10 @@ from fp8parity.errors import WorkbookError
 
 GRANULARITIES = ("tensor", "delayed", "delayed-calibrated", "rowwise", "block", "batch-ftz")
 ACCUMULATIONS = ("fp32", "fp64", "fast")
-FAST_ACCUM_CHUNK, FAST_ACCUM_BITS = 32, 13
+# The fast-accumulation model: K is consumed in chunks (wgmma's k=32 for FP8); the running fp32 sum keeps only
+# FAST_ACCUM_BITS mantissa bits after each chunk, truncated or rounded. Calibrated against cuBLASLt / TE on an H200
+# (benchmarks/gpu_fp8_check.py, section "fast accumulation model").
+FAST_ACCUM_CHUNK, FAST_ACCUM_BITS, FAST_ACCUM_TRUNCATE = 32, 13, False
 BLOCK = 128
 
 
@@ -30,6 +33,7 @@ class EmulatedFP8Backend(LinearBackend):
     def __init__(self, granularity: str = "tensor", accumulate: str = "fp32", output_dtype: str = "fp32",
                  bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = True):
         super().__init__()
+        self.collect_stats = collect_stats
         if granularity not in GRANULARITIES:
             raise WorkbookError(f"unknown FP8 granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}.")
         if accumulate not in ACCUMULATIONS:
@@ -37,8 +41,8 @@ class EmulatedFP8Backend(LinearBackend):
         self.granularity, self.accumulate = granularity, accumulate
         self.output_dtype, self.bias_dtype = output_dtype, bias_dtype
         self.stale_activation_cache = stale_activation_cache
-        self.collect_stats = collect_stats
         self.calibrating = False
+        self.fast_bits, self.fast_truncate, self.fast_chunk = FAST_ACCUM_BITS, FAST_ACCUM_TRUNCATE, FAST_ACCUM_CHUNK
         self._amax_history: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._act_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Weights are constant: quantize each GEMM's weight once (values kept as exact fp32, stats kept).
@@ -86,7 +90,7 @@ class EmulatedFP8Backend(LinearBackend):
             w32 = w.to(torch.float32)
             swe = self._weight_scale(w32)
             wq = fp8.quantize(w32, swe)
-            wstats = fp8.quant_stats(w32, swe, wq).to_dict() if self.collect_stats else {}
+            wstats = fp8.quant_stats(w32, swe, wq).to_dict()  # once per weight: cheap
             self._weights[key] = (wq.to(torch.float32), swe, wstats)
         wq, swe, wstats = self._weights[key]
         sx = self._input_scale(x32, key)
@@ -116,9 +120,10 @@ class EmulatedFP8Backend(LinearBackend):
             return a @ b.t()
         K = a.shape[1]
         total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
-        for k in range(0, K, FAST_ACCUM_CHUNK):
-            part = a[:, k:k + FAST_ACCUM_CHUNK] @ b[:, k:k + FAST_ACCUM_CHUNK].t()
-            total = fp8.round_mantissa(total + part, FAST_ACCUM_BITS)
+        c = self.fast_chunk
+        for k in range(0, K, c):
+            part = a[:, k:k + c] @ b[:, k:k + c].t()
+            total = fp8.round_mantissa(total + part, self.fast_bits, self.fast_truncate)
         return total
 
     def linear(self, x, w, b, key):

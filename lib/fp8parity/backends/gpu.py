@@ -38,6 +38,14 @@ def card_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def _pad_out_features(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zero rows so the GEMM's N is a multiple of 16 (a vocabulary like 445 is not); outputs are sliced back."""
+    pad = (-w.shape[0]) % ROW_MULTIPLE
+    if not pad:
+        return w, b
+    return F.pad(w, (0, 0, 0, pad)), (None if b is None else F.pad(b, (0, pad)))
+
+
 def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     t = x.shape[0]
     pad = (-t) % ROW_MULTIPLE
@@ -82,7 +90,7 @@ class TorchFP8Backend(LinearBackend):
         return fp8.scale_from_amax(amax)
 
     def quantize_weight(self, w: torch.Tensor, key: str):
-        w32 = w.to(self.device, torch.float32)
+        w32, _ = _pad_out_features(w.to(self.device, torch.float32), None)
         sw = self._scale(w32)
         wq = fp8.quantize(w32, sw)
         return wq, sw, w32
@@ -93,14 +101,15 @@ class TorchFP8Backend(LinearBackend):
         xp, t = _pad_rows(x32)
         sx = self._scale(xp)
         xq = fp8.quantize(xp, sx)
-        self.stats[key] = {"input": fp8.quant_stats(xp[:t], sx[:t] if sx.numel() > 1 else sx, xq[:t]).to_dict(),
-                           "weight": fp8.quant_stats(w32, sw, wq).to_dict()}
+        if self.collect_stats:
+            self.stats[key] = {"input": fp8.quant_stats(xp[:t], sx[:t] if sx.numel() > 1 else sx, xq[:t]).to_dict(),
+                               "weight": fp8.quant_stats(w32, sw, wq).to_dict()}
         sa = (1.0 / sx).float()
         sb = (1.0 / sw).float().reshape(1, -1) if self.granularity == "rowwise" else (1.0 / sw).float().reshape(())
         if self.granularity == "tensor":
             sa = sa.reshape(())
         y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32,
-                             use_fast_accum=self.fast_accum)[:t]
+                             use_fast_accum=self.fast_accum)[:t, : w.shape[0]]
         if b is not None:
             y = y + b.to(self.device, torch.float32)
         return y.to(x.dtype)
@@ -158,6 +167,7 @@ class TEBackend(LinearBackend):
     def module(self, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.nn.Module:
         mod = self.modules.get(key)
         if mod is None:
+            w, b = _pad_out_features(w, b)
             out_f, in_f = w.shape
             mod = self.te.Linear(in_f, out_f, bias=b is not None, params_dtype=torch.float32, device=self.device)
             with torch.no_grad():
@@ -180,8 +190,9 @@ class TEBackend(LinearBackend):
         else:
             with self.te.autocast(enabled=True, recipe=self.recipe):
                 y = mod(xp)
-        self._record_stats(mod, xp[:t], key)
-        return y[:t].detach().to(x.dtype)
+        if self.collect_stats:
+            self._record_stats(mod, xp[:t], key)
+        return y[:t, : w.shape[0]].detach().to(x.dtype)
 
     def _record_stats(self, mod, x: torch.Tensor, key: str) -> None:
         """Input/weight scales as TE holds them (delayed: fp8_meta; current: recomputed from amax)."""

@@ -1,0 +1,156 @@
+"""`make faults`: the cascade once clean and once per catalogued fault; a localization table and figure.
+
+For each fault: expected stage (and layer/op), the first divergence stage B found, the verdict of every
+stage, and the logits affine fit of stage A (slope, intercept, r). Runs the same stage functions the
+notebooks call, on a shortened schedule (one prompt; prefill for B; 2 runs for A and F).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from fp8parity import stages
+from fp8parity.errors import WorkbookError
+from fp8parity.faults import CATALOGUE, Fault
+from fp8parity.workbench import Params, Workbench
+
+STAGE_ORDER = "ABCDEF"
+
+
+def _alarm(v: stages.Verdict) -> bool:
+    return v.numbers.get("exit_code") == 1 if v.stage == "A" else v.status == stages.FAIL
+
+
+def _earlier(fd: dict | None, base_fd: dict | None) -> bool:
+    from fp8parity.taps import forward_order
+
+    if fd is None:
+        return False
+    return base_fd is None or forward_order(fd["stage"], fd["layer"]) < forward_order(base_fd["stage"], base_fd["layer"])
+
+
+def new_alarms(verdicts: dict[str, stages.Verdict], baseline: dict[str, stages.Verdict] | None) -> list[str]:
+    """Stages (B..F) that raise an alarm the clean run of the same candidate did not.
+
+    Stage A only reproduces (every FP8 candidate disagrees a little), so it localizes nothing. For stage B an
+    alarm also counts when the first divergence moves earlier in forward order than the clean run's.
+    """
+    out = []
+    for s in STAGE_ORDER[1:]:
+        v, b = verdicts[s], (baseline or {}).get(s)
+        if _alarm(v) and (b is None or not _alarm(b)):
+            out.append(s)
+        elif s == "B" and _alarm(v) and _earlier(v.numbers["first_divergence"], b.numbers["first_divergence"]):
+            out.append(s)
+    return out
+
+
+def run_stages(model: str, backend: str, recipe: str, fault: Fault, run_dir: Path, prompt: str,
+               threshold: float) -> dict[str, stages.Verdict]:
+    wb = Workbench(Params(model=model, backend=backend, recipe=recipe, prompts=[prompt], threshold=threshold,
+                          run_dir=str(run_dir / f"{fault.name}-{backend}"), fault=fault.name))
+    verdicts = {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, paths=("prefill",), save_traces=False)[0],
+                "C": stages.stage_c(wb)[0], "D": stages.stage_d(wb)[0],
+                "E": stages.stage_e(wb, synthetic_batches=())[0], "F": stages.stage_f(wb, runs=2, max_new_tokens=32)[0]}
+    for v in verdicts.values():
+        stages.save_verdict(wb, v)
+    return verdicts
+
+
+def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
+              baseline: dict[str, stages.Verdict] | None, seconds: float) -> dict:
+    va, vb = verdicts["A"], verdicts["B"]
+    fd = vb.numbers["first_divergence"]
+    alarms = new_alarms(verdicts, None if fault.name == "none" else baseline)
+    found_where = "" if fd is None else f"L{fd['layer']} {fd['stage']} ({fd['min_cosine']:.4f} @ pos {fd['min_position']})"
+    if vb.numbers["reference_is_outlier"]:
+        found_where = "reference is the outlier vs fp64: " + (vb.numbers["oracle"]["reference_first_divergence_text"] or "")
+    # localized: the expected stage alarms (or, for an honest drift, nothing new does) and stage B points at the
+    # expected (layer, op) when the fault has one; a corrupted reference must be named as the outlier
+    if fault.expected_stage == "none":
+        localized = not alarms
+    else:
+        localized = fault.expected_stage in alarms
+        if fault.side == "reference":
+            localized = localized and bool(vb.numbers["reference_is_outlier"])
+        elif fault.expected_op is not None:
+            localized = localized and fd is not None and (fd["layer"], fd["stage"]) == (fault.expected_layer,
+                                                                                       fault.expected_op)
+    fit = va.numbers["affine"]
+    return {
+        "fault": fault.name, "candidate": backend, "bug_class": fault.bug_class, "reference": fault.reference,
+        "expected_stage": fault.expected_stage,
+        "expected_where": "" if fault.expected_op is None else f"L{fault.expected_layer} {fault.expected_op}",
+        "new_alarms": ",".join(alarms) or "none", "stage_b_first_divergence": found_where,
+        "localized": bool(localized),
+        **{f"verdict_{s}": verdicts[s].status for s in STAGE_ORDER},
+        "A_exit": va.numbers["exit_code"], "slope": fit["slope"], "intercept": fit["intercept"],
+        "pearson_r": fit["pearson_r"], "logits_cosine": va.numbers["cosine"], "seconds": round(seconds, 1),
+    }
+
+
+def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "runs", only: str = "",
+                    recipe: str = "current", prompt: str = "What is 2+2?", threshold: float = 0.99) -> int:
+    from fp8parity.backends.factory import auto_choice
+
+    chosen = auto_choice() if backend == "auto" else backend
+    faults = [f for f in CATALOGUE if not only or f.name in only.split(",")]
+    if not faults:
+        raise WorkbookError(f"no fault matches {only!r}.")
+    run_dir = Path(runs_dir) / f"faults-{datetime.now():%Y%m%d-%H%M%S}-{chosen}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    rows, baselines = [], {}
+    clean = next(f for f in CATALOGUE if f.name == "none")
+    # model-path faults ride on a bit-exact candidate (the reference backend); FP8 faults on the FP8 candidate,
+    # each judged against the clean run of its own candidate
+    plan = []
+    for base in dict.fromkeys(("reference", chosen)):
+        group = [f for f in faults if f.name != "none" and (
+            (not f.fp8 and base == "reference") or (f.fp8 and base == chosen and chosen in f.backends))]
+        if group:
+            plan += [(base, clean)] + [(base, f) for f in group]
+    skipped = [f for f in faults if f.fp8 and chosen not in f.backends]
+    for base, f in plan:
+        print(f"[{f.name} on {base}] ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            verdicts = run_stages(model, base, recipe, f, run_dir, prompt, threshold)
+        except WorkbookError as exc:
+            rows.append({"fault": f.name, "candidate": base, "new_alarms": "error", "localized": False,
+                         "stage_b_first_divergence": str(exc)})
+            continue
+        if f.name == "none":
+            baselines[base] = verdicts
+        rows.append(summarize(f, base, verdicts, baselines.get(base), time.perf_counter() - t0))
+        r = rows[-1]
+        print(f"[{f.name} on {base}] expected {r['expected_stage']}, new alarms {r['new_alarms']}, "
+              f"B: {r['stage_b_first_divergence']}, localized {r['localized']}", flush=True)
+    for f in skipped:
+        rows.append({"fault": f.name, "candidate": chosen, "expected_stage": f.expected_stage, "new_alarms": "not run",
+                     "localized": None, "stage_b_first_divergence": f"needs backend {' or '.join(f.backends)}"})
+    df = pd.DataFrame(rows)
+    df.to_csv(run_dir / "localization.csv", index=False)
+    (run_dir / "localization.json").write_text(json.dumps({"model": model, "backend": chosen, "recipe": recipe,
+                                                           "threshold": threshold, "rows": rows}, indent=2, default=str))
+    cols = ["fault", "candidate", "expected_stage", "expected_where", "new_alarms", "stage_b_first_divergence", "localized",
+            *[f"verdict_{s}" for s in STAGE_ORDER], "slope", "intercept", "pearson_r"]
+    table = df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4f")
+    (run_dir / "localization.md").write_text(table + "\n")
+    measured = df[df.slope.notna()] if "slope" in df else df.iloc[0:0]
+    if len(measured):
+        from fp8parity.plots import affine_signatures
+
+        affine_signatures(measured).savefig(run_dir / "affine_signatures.png", dpi=110)
+    print(table)
+    print(f"localization table: {run_dir / 'localization.md'}")
+    ran = df[df.localized.notna()]
+    missed = ran[~ran.localized.astype(bool)]
+    if len(missed):
+        print(f"not localized: {', '.join(missed.fault + ' on ' + missed.candidate)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,112 @@
+"""Figures the notebooks show. Each function takes plain tables/arrays and returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from fp8parity.taps import LAYER_STAGES
+
+
+def cosine_per_layer(table: pd.DataFrame, threshold: float, title: str = "") -> plt.Figure:
+    """1 - cosine per layer, one line per op, log axis; the threshold as a dashed line."""
+    fig, ax = plt.subplots(figsize=(11, 5))
+    layered = table[table.layer >= 0]
+    cmap = plt.get_cmap("tab20")
+    for i, stage in enumerate(LAYER_STAGES):
+        g = layered[layered.stage == stage].groupby("layer").min_cosine.min()
+        if len(g):
+            ax.plot(g.index, np.clip(1 - g.values, 1e-12, None), marker="o", ms=3, lw=1.2, color=cmap(i), label=stage)
+    for stage, style in (("embedding", "v"), ("final_norm", "s"), ("logits", "*")):
+        g = table[table.stage == stage].min_cosine
+        if len(g):
+            x = -0.5 if stage == "embedding" else layered.layer.max() + 0.5
+            ax.scatter([x], [max(1 - g.min(), 1e-12)], marker=style, s=60, color="k", zorder=5, label=stage)
+    ax.axhline(1 - threshold, ls="--", color="red", lw=1, label=f"threshold (cos {threshold})")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("1 − cosine (min over positions)")
+    ax.set_title(title or "per-layer parity: candidate vs reference")
+    ax.legend(ncol=3, fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def affine_drift(reference: np.ndarray, candidate: np.ndarray, slope: float, intercept: float, r: float,
+                 title: str = "") -> plt.Figure:
+    """Scatter of candidate vs reference logits with the least-squares line, and the residuals by vocab id."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    a.scatter(reference, candidate, s=1, alpha=0.25, color="tab:blue", rasterized=True)
+    lo, hi = float(min(reference.min(), candidate.min())), float(max(reference.max(), candidate.max()))
+    xs = np.linspace(lo, hi, 2)
+    a.plot(xs, xs, color="gray", lw=1, ls=":", label="candidate = reference")
+    a.plot(xs, slope * xs + intercept, color="red", lw=1.5, label=f"fit: {slope:.4f}·ref {intercept:+.4f} (r={r:.5f})")
+    a.set_xlabel("reference logit")
+    a.set_ylabel("candidate logit")
+    a.legend(fontsize=8)
+    a.set_title(title or "logits affine drift")
+    resid = candidate - (slope * reference + intercept)
+    b.plot(np.arange(resid.size), resid, lw=0.4, color="tab:purple", rasterized=True)
+    top = np.argsort(-np.abs(resid))[:5]
+    b.scatter(top, resid[top], color="red", s=12, zorder=3, label="top residuals: " + ", ".join(map(str, top)))
+    b.set_xlabel("vocabulary id")
+    b.set_ylabel("residual")
+    b.legend(fontsize=8)
+    b.set_title("residuals of the fit")
+    fig.tight_layout()
+    return fig
+
+
+def per_dim(values: dict[str, np.ndarray], ylabel: str, limit: float | None = None, title: str = "",
+            log: bool = True) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    for name, v in values.items():
+        ax.plot(np.arange(len(v)), np.maximum(np.asarray(v, float), 1e-12) if log else v, lw=0.6, label=name)
+    if limit is not None:
+        ax.axhline(limit, color="red", ls="--", lw=1, label=f"limit {limit:g}")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("output dim")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def bars(df: pd.DataFrame, x: str, ys: list[str], title: str, ylabel: str, log: bool = False) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(ys)
+    pos = np.arange(len(df))
+    for i, y in enumerate(ys):
+        ax.bar(pos + i * width, df[y].values, width, label=y)
+    ax.set_xticks(pos + width * (len(ys) - 1) / 2, df[x].astype(str).values, rotation=30, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def affine_signatures(df: pd.DataFrame) -> plt.Figure:
+    """Slope and intercept of each fault's logits fit: which faults look like GPU ≈ 0.96·CPU + 0.12."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter(df.slope, df.intercept, s=40, c=np.clip(df.pearson_r, 0, 1), cmap="viridis", vmin=0.5, vmax=1, zorder=3)
+    for r in df.itertuples():
+        ax.annotate(r.fault, (r.slope, r.intercept), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.scatter([0.96], [0.12], marker="*", s=200, color="red", zorder=4, label="investigation: 0.96·CPU + 0.12")
+    ax.scatter([1.0], [0.0], marker="+", s=200, color="k", zorder=4, label="identity")
+    ax.set_xlabel("slope (candidate on reference logits)")
+    ax.set_ylabel("intercept")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("logits affine signature per fault (colour: Pearson r)")
+    fig.tight_layout()
+    return fig

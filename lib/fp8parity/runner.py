@@ -1,0 +1,157 @@
+"""`make run-all`: every notebook headless with papermill into runs/<run-id>/, HTML reports, verdicts, index.html.
+
+Keeps going when a notebook fails and exits non-zero naming what failed. A run folder is never reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import sys
+import tarfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from fp8parity.errors import WorkbookError
+from fp8parity.models import REPO_ROOT
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+DEFAULT_PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string."]
+
+
+def notebooks(select: str = "") -> list[Path]:
+    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if select:
+        wanted = {s.strip().zfill(2) for s in select.split(",") if s.strip()}
+        found = [p for p in found if p.name[:2] in wanted]
+    if not found:
+        raise WorkbookError(f"no notebooks to run in {NOTEBOOK_DIR} (selection {select!r}).")
+    return found
+
+
+def new_run_dir(runs_dir: Path, run_id: str, backend: str, fault: str) -> Path:
+    if run_id:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id):
+            raise WorkbookError(f"RUN_ID {run_id!r} may hold only letters, digits, '.', '_' and '-'.")
+        run = runs_dir / run_id
+        if run.exists():
+            raise WorkbookError(f"run folder {run} already exists; runs never overwrite each other: pick another RUN_ID.")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = runs_dir / f"{stamp}-{backend}-{fault}"
+        n = 1
+        while run.exists():
+            n += 1
+            run = runs_dir / f"{stamp}-{backend}-{fault}-{n}"
+    run.mkdir(parents=True)
+    return run
+
+
+def to_html(ipynb: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(ipynb, as_version=4))
+    out = ipynb.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: str = "", threshold: float = 0.99,
+            run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks_sel: str = "",
+            notebooks: str = "", prompts: list[str] | None = None, quiet: bool = False) -> int:
+    import papermill as pm
+
+    from fp8parity.faults import get_fault
+    from fp8parity.gguf_file import GGUFModel
+
+    get_fault(fault)  # unknown names fail before anything is written
+    GGUFModel(model)  # a bad model fails here, in one sentence, before a run folder exists
+    sel = notebooks or notebooks_sel
+    books = _notebooks(sel)
+    run = new_run_dir(Path(runs_dir).resolve(), run_id, backend, fault)
+    plist = prompts or ([prompt] + [p for p in DEFAULT_PROMPTS if p != prompt] if prompt else DEFAULT_PROMPTS)
+    params = {"MODEL": str(Path(model).resolve()), "BACKEND": backend, "RECIPE": recipe, "PROMPTS": plist,
+              "THRESHOLD": float(threshold), "RUN_DIR": str(run), "FAULT": fault}
+    (run / "parameters.json").write_text(json.dumps(params, indent=2))
+    failed, timings = [], {}
+    for nb in books:
+        out = run / nb.name
+        t0 = time.perf_counter()
+        if not quiet:
+            print(f"[{nb.stem}] running ...", flush=True)
+        try:
+            pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(NOTEBOOK_DIR), kernel_name="python3",
+                                progress_bar=False, log_output=False)
+        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
+            failed.append(nb.stem)
+            last = str(exc).strip().splitlines()
+            print(f"[{nb.stem}] FAILED: {last[-1] if last else type(exc).__name__}", file=sys.stderr, flush=True)
+        timings[nb.stem] = round(time.perf_counter() - t0, 1)
+        if out.is_file():
+            to_html(out)
+        if not quiet:
+            print(f"[{nb.stem}] {timings[nb.stem]} s", flush=True)
+    (run / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_index(run, failed)
+    archive = run.with_suffix(".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(run, arcname=run.name)
+    print(f"report: {run / 'index.html'}\narchive: {archive}")
+    if failed:
+        print(f"notebooks that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_notebooks = notebooks
+
+
+def write_index(run: Path, failed: list[str]) -> Path:
+    """index.html: a verdict per stage linking each report, provenance, the drift figure embedded."""
+    verdicts = {}
+    for p in sorted((run / "verdicts").glob("stage_*.json")):
+        v = json.loads(p.read_text())
+        verdicts[v["stage"]] = v
+    prov = next(iter(verdicts.values()))["provenance"] if verdicts else {}
+    reports = {p.name[:2]: p.name for p in sorted(run.glob("[0-9][0-9]_*.html"))}
+    colors = {"pass": "#1a7f37", "fail": "#cf222e", "unmeasured": "#6e7781"}
+    rows = []
+    from fp8parity.stages import STAGES
+
+    for i, (stage, title) in enumerate(STAGES.items(), start=1):
+        v = verdicts.get(stage)
+        status = v["status"] if v else "unmeasured"
+        summary = v["summary"] if v else "did not run (see its report)"
+        link = reports.get(f"{i:02d}")
+        name = f'<a href="{link}">{html.escape(title)}</a>' if link else html.escape(title)
+        rows.append(f'<tr><td>{stage}</td><td>{name}</td><td style="color:{colors[status]};font-weight:bold">'
+                    f'{status.upper()}</td><td>{html.escape(summary)}</td></tr>')
+    fig = run / "affine_drift.png"
+    img = (f'<h2>Logits affine drift (stage A)</h2><img style="max-width:100%" src="data:image/png;base64,'
+           f'{base64.b64encode(fig.read_bytes()).decode()}">' if fig.is_file() else "")
+    backend = prov.get("backend", {})
+    model_file = Path(prov.get("model_file", "?")).name
+    info = [("model", f"{prov.get('model')} ({model_file}, sha256 {prov.get('model_sha256', '?')[:16]}…)"),
+            ("candidate backend", f"{backend.get('name')} {json.dumps({k: v for k, v in backend.items() if k != 'name'})}"),
+            ("recipe", prov.get("recipe")), ("fault", prov.get("fault")), ("threshold", prov.get("threshold")),
+            ("card", (prov.get("machine") or {}).get("card") or "none (CPU only)"),
+            ("versions", json.dumps(prov.get("versions", {})))]
+    others = "".join(f'<li><a href="{name}">{name}</a></li>' for name in reports.values())
+    fails = f'<p style="color:#cf222e">Notebooks that failed to execute: {", ".join(failed)}</p>' if failed else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>FP8 parity run {run.name}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;width:100%}}td,th{{border:1px solid #d0d7de;padding:6px;vertical-align:top}}
+th{{background:#f6f8fa;text-align:left}}</style></head><body>
+<h1>FP8 parity cascade — run {html.escape(run.name)}</h1>{fails}
+<table>{''.join(f'<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>' for k, v in info)}</table>
+<h2>Verdicts</h2><table><tr><th>stage</th><th>what</th><th>verdict</th><th>the number behind it</th></tr>
+{''.join(rows)}</table>{img}<h2>Reports</h2><ul>{others}</ul></body></html>"""
+    out = run / "index.html"
+    out.write_text(page, encoding="utf-8")
+    (run / "verdicts.json").write_text(json.dumps({"run": run.name, "failed_notebooks": failed,
+                                                   "verdicts": verdicts}, indent=2, default=str))
+    return out

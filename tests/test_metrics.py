@@ -1,0 +1,77 @@
+"""Metric functions on inputs with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fp8parity import metrics
+
+
+def test_cosine_known_values():
+    a = torch.tensor([1.0, 0.0])
+    assert metrics.cosine(a, a) == 1.0
+    assert metrics.cosine(a, torch.tensor([0.0, 2.0])) == 0.0
+    assert metrics.cosine(a, -a) == -1.0
+    assert metrics.cosine(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == pytest.approx(1 / math.sqrt(2), abs=1e-15)
+
+
+def test_cosine_is_accumulated_in_fp64():
+    # fp32 accumulation of 1e6 terms loses digits; fp64 gives the exact 1 - 1/(2 n) style answer
+    n = 1_000_000
+    a = torch.ones(n)
+    b = torch.ones(n)
+    b[0] = 0.0
+    assert metrics.cosine(a, b) == pytest.approx(math.sqrt((n - 1) / n), rel=1e-12)
+
+
+def test_nan_never_passes():
+    a = torch.tensor([1.0, float("nan")])
+    assert math.isnan(metrics.cosine(a, torch.ones(2)))
+    assert not (metrics.cosine(a, torch.ones(2)) >= 0.99)
+
+
+def test_affine_fit_recovers_exact_line():
+    ref = torch.linspace(-5, 12, 1000, dtype=torch.float64)
+    cand = 0.96 * ref + 0.12
+    fit = metrics.affine_fit(cand, ref)
+    assert fit.slope == pytest.approx(0.96, abs=1e-12)
+    assert fit.intercept == pytest.approx(0.12, abs=1e-12)
+    assert fit.pearson_r == pytest.approx(1.0, abs=1e-12)
+    assert fit.residual_rms < 1e-12
+
+
+def test_affine_fit_top_residuals_point_at_the_perturbed_ids():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(5000, generator=g, dtype=torch.float64)
+    cand = 0.96 * ref + 0.12
+    cand[15:23] += 3.0  # "top residuals concentrated at vocab positions 15-22"
+    fit = metrics.affine_fit(cand, ref, top=8)
+    assert sorted(i for i, _ in fit.top_residuals) == list(range(15, 23))
+
+
+def test_rel_l2_sqnr_max_abs():
+    ref = torch.tensor([3.0, 4.0])
+    cand = torch.tensor([3.0, 4.5])
+    assert metrics.rel_l2(cand, ref) == pytest.approx(0.1)
+    assert metrics.sqnr_db(cand, ref) == pytest.approx(20.0)
+    assert metrics.max_abs_diff(cand, ref) == pytest.approx(0.5)
+    assert metrics.sqnr_db(ref, ref) == math.inf
+
+
+def test_ulp_distance_counts_representable_floats_across_zero():
+    x = torch.tensor([1.0, 1.0, -0.0, 2.0**-149], dtype=torch.float32)
+    y = torch.tensor([np.nextafter(np.float32(1.0), np.float32(2.0)), 1.0, 0.0, -(2.0**-149)], dtype=torch.float32)
+    assert metrics.ulp_distance(x, y).tolist() == [1, 0, 0, 2]
+
+
+def test_fnv1a64_reference_vectors():
+    # FNV-1a 64 of the empty input is the offset basis; of b"a" the published 0xaf63dc4c8601ec8c.
+    assert metrics.fnv1a64(torch.tensor([], dtype=torch.float32)) == "cbf29ce484222325"
+    one = torch.tensor([1.0])  # bytes 00 00 80 3f
+    h = 0xCBF29CE484222325
+    for byte in (0x00, 0x00, 0x80, 0x3F):
+        h = ((h ^ byte) * 0x100000001B3) & (2**64 - 1)
+    assert metrics.fnv1a64(one) == f"{h:016x}"
+    assert metrics.fnv1a64(torch.tensor([1.0])) != metrics.fnv1a64(torch.tensor([1.0000001]))
