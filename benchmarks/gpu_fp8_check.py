@@ -17,6 +17,7 @@ import json
 import traceback
 
 import torch
+
 from fp8parity import fp8, metrics
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.backends.gpu import TEBackend, TorchFP8Backend, card_name

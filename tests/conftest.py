@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from fp8parity.models import DEFAULT_MODEL, SynthSpec, fetch_default, write_synthetic
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fp8parity.dequant import SUPPORTED_TYPES, dequantize
-from fp8parity.errors import WorkbookError
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
+
+from fp8parity.dequant import SUPPORTED_TYPES, dequantize
+from fp8parity.errors import WorkbookError
 
 # byte offsets of the fp16 scale fields inside each block type (random bytes there could be NaN/inf)
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],

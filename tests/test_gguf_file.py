@@ -7,10 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+
 from fp8parity.errors import WorkbookError
 from fp8parity.gguf_file import GGUFModel
 from fp8parity.models import SynthSpec, write_synthetic
-from gguf import GGMLQuantizationType, GGUFWriter
 
 
 def test_config_of_tiny(tiny):

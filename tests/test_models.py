@@ -3,6 +3,7 @@
 import zipfile
 
 import pytest
+
 from fp8parity.errors import WorkbookError
 from fp8parity.models import fetch_default
 

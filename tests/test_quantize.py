@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from fp8parity.quantize import quantize
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
+
+from fp8parity.quantize import quantize
 
 # relative L2 error of a simple min/max quantizer on Gaussian data (measured bounds, with margin)
 BOUNDS = {"Q4_K": 0.10, "Q6_K": 0.03, "Q5_0": 0.06, "Q8_0": 0.01}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fp8parity.qwen2 import ForwardOptions, Qwen2Model, apply_rope, quantize_q8_k, rope_tables
 from fp8parity.taps import ALL_STAGES, LAYER_STAGES, Recorder
 from fp8parity.tokenizer import GGUFTokenizer

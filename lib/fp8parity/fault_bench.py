@@ -79,7 +79,7 @@ def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
         localized = fault.expected_stage in alarms
         if fault.side == "reference":
             localized = localized and bool(vb.numbers["reference_is_outlier"])
-        elif fault.expected_op is not None:
+        elif fault.expected_op is not None and "B" in alarms:  # where B fires, it must point at the op
             localized = localized and fd is not None and (fd["layer"], fd["stage"]) == (fault.expected_layer,
                                                                                        fault.expected_op)
     fit = va.numbers["affine"]

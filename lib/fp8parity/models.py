@@ -187,6 +187,7 @@ class SynthSpec:
     outlier_factor: float = 26.0  # ... at ~26x the RMS of the other dims
     seed: int = 0
     name: str = "tiny-qwen2-synthetic"
+    vocab: int | None = None  # pad the tokenizer's vocabulary with [PAD<i>] tokens to this size (Qwen 7B: 152064)
 
 
 def _qtype_for(name: str, layer: int) -> str:
@@ -280,7 +281,16 @@ def write_synthetic(path: Path, spec: SynthSpec | None = None, tokenizer: Tokeni
 
 
 SEVEN_B = SynthSpec(n_layers=28, hidden=3584, n_heads=28, n_kv_heads=4, ffn=18944, context=32768,
-                    outlier_dim=408, outlier_factor=26.0, name="qwen2-7B-shaped-synthetic")
+                    outlier_dim=408, outlier_factor=26.0, name="qwen2-7B-shaped-synthetic", vocab=152064)
+
+
+def padded(tok: TokenizerData, vocab: int | None) -> TokenizerData:
+    """The tokenizer with [PAD<i>] user-defined tokens appended up to `vocab` rows, as Qwen2.5-7B's GGUF has."""
+    if vocab is None or vocab <= len(tok.tokens):
+        return tok
+    extra = [f"[PAD{i}]" for i in range(len(tok.tokens), vocab)]
+    return TokenizerData(tok.tokens + extra, tok.token_types + [4] * len(extra), tok.merges, tok.chat_template,
+                         tok.eos_id, tok.pad_id, tok.bos_id)
 
 
 def write_7b_shaped(path: Path, tokenizer: TokenizerData, spec: SynthSpec = SEVEN_B, pool_blocks: int = 32768,
@@ -290,6 +300,7 @@ def write_7b_shaped(path: Path, tokenizer: TokenizerData, spec: SynthSpec = SEVE
     quantized data with the intended statistics), plus the outlier channel in the embedding."""
     from tqdm.auto import tqdm
 
+    tokenizer = padded(tokenizer, spec.vocab)
     rng = np.random.default_rng(spec.seed)
     pools = {q: quantize(rng.standard_normal((pool_blocks, 256)).astype(np.float32), q) for q in ("Q4_K", "Q6_K")}
     d_cols = {"Q4_K": [(0, 2), (2, 4)], "Q6_K": [(208, 210)]}  # fp16 d (and dmin) inside each block

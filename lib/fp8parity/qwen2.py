@@ -31,11 +31,25 @@ class ForwardOptions:
     activation_quant: str | None = None  # "q8_k": round linear inputs like llama.cpp's Q8_K (256-blocks)
 
 
-class WeightStore:
-    """Dequantized weights on demand: kept (fast repeats) or streamed through reused buffers (7B on 24 GB)."""
+def available_memory() -> int:
+    """Bytes of memory the OS says are available (MemAvailable), or 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, keep: bool):
-        self.gguf, self.dtype, self.device, self.keep = gguf, dtype, device, keep
+
+class WeightStore:
+    """Dequantized weights on demand, on the CPU: kept (fast repeats) or streamed through reused buffers
+    (a 7B on 24 GB). GPU backends move what they need to the device themselves, once."""
+
+    def __init__(self, gguf: GGUFModel, dtype: torch.dtype, keep: bool):
+        self.gguf, self.dtype, self.keep = gguf, dtype, keep
+        self.device = torch.device("cpu")
         self._kept: dict[str, torch.Tensor] = {}
         self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -50,7 +64,7 @@ class WeightStore:
             if buf is None:
                 buf = self._buffers[shape] = torch.empty(shape, dtype=torch.float32)
             w = self.gguf.tensor(name, out=buf)
-        w = w.to(device=self.device, dtype=self.dtype)
+        w = w.to(dtype=self.dtype)
         if self.keep:
             self._kept[name] = w
         return w
@@ -130,10 +144,11 @@ class Qwen2Model:
         self.device = torch.device(getattr(self.backend, "device", "cpu"))
         self.dtype = dtype
         self.options = options or ForwardOptions()
-        if keep_weights is None:
-            keep_weights = self._fp32_weight_bytes() < 6 * 2**30
-        share = weights is not None and weights.dtype == dtype and weights.device == self.device
-        self.weights = weights if share else WeightStore(gguf, dtype, self.device, keep_weights)
+        if keep_weights is None:  # keep when the dequantized weights take under a third of what is available
+            keep_weights = self._fp32_weight_bytes() * (dtype.itemsize / 4) < available_memory() / 3
+        share = weights is not None and weights.dtype == dtype
+        self.weights = weights if share else WeightStore(gguf, dtype, keep_weights)
+        self._small: dict[str, torch.Tensor] = {}  # norms and biases on the model's device
 
     def _fp32_weight_bytes(self) -> int:
         return sum(int(t.n_elements) * 4 for t in self.gguf.tensors.values())
@@ -154,10 +169,17 @@ class Qwen2Model:
             w = w.t().contiguous()
         return w
 
+    def small(self, name: str) -> torch.Tensor:
+        """A norm weight or bias on the model's device (kept: they are tiny)."""
+        t = self._small.get(name)
+        if t is None:
+            t = self._small[name] = self.weights.get(name).to(self.device)
+        return t
+
     def _linear(self, x: torch.Tensor, weight: str, bias: str | None, key: str) -> torch.Tensor:
         if self.options.activation_quant == "q8_k":
             x = quantize_q8_k(x)
-        b = self.weights.get(bias) if bias else None
+        b = self.small(bias) if bias else None
         return self.backend.linear(x, self._w(weight), b, key)
 
     @property
@@ -198,7 +220,7 @@ class Qwen2Model:
         cos, sin = rope_tables(torch.tensor(positions, device=self.device), hd, self.rope_theta, self.dtype, self.device)
         for L in range(cfg.n_layers):
             p = f"blk.{L}."
-            h = rms_norm(x, self.weights.get(p + "attn_norm.weight"), self.rms_eps)
+            h = rms_norm(x, self.small(p + "attn_norm.weight"), self.rms_eps)
             tap("attn_norm", L, h)
             q = self._linear(h, p + "attn_q.weight", p + "attn_q.bias", f"{L}.q_proj")  # (T, H*hd)
             k = self._linear(h, p + "attn_k.weight", p + "attn_k.bias", f"{L}.k_proj")  # (T, KV*hd)
@@ -218,7 +240,7 @@ class Qwen2Model:
             tap("attn_out", L, o)
             x = x + o
             tap("post_attn_residual", L, x)
-            h = rms_norm(x, self.weights.get(p + "ffn_norm.weight"), self.rms_eps)
+            h = rms_norm(x, self.small(p + "ffn_norm.weight"), self.rms_eps)
             tap("ffn_norm", L, h)
             g = self._linear(h, p + "ffn_gate.weight", None, f"{L}.ffn_gate")
             u = self._linear(h, p + "ffn_up.weight", None, f"{L}.ffn_up")
@@ -231,7 +253,7 @@ class Qwen2Model:
             tap("post_ffn_residual", L, x)
         if logits_for == "last":
             x, positions = x[-1:], positions[-1:]
-        h = rms_norm(x, self.weights.get("output_norm.weight"), self.rms_eps)
+        h = rms_norm(x, self.small("output_norm.weight"), self.rms_eps)
         tap(FINAL_NORM, GLOBAL_LAYER, h)
         head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
         logits = self.backend.linear(h, self._w(head), None, "lm_head")

@@ -235,11 +235,16 @@ def control_granularity(backend) -> str:
     return {"block": "block", "delayed": "delayed"}.get(recipe, "tensor")
 
 
-def gemm_parity(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, backend, key: str) -> dict:
-    """One GEMM on the candidate backend vs fp64, plus the cast-to-representable control."""
+def gemm_parity(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, backend, key: str,
+                w_candidate: torch.Tensor | None = None) -> dict:
+    """One GEMM on the candidate backend vs fp64 of what it should compute, plus the cast-to-representable control.
+
+    `w` is the weight as the file defines it; `w_candidate` the weight as the candidate engine reads it (the
+    same unless a layout bug is injected)."""
     x64, w64 = x.double(), w.double()
     exact = x64 @ w64.t() + (b.double() if b is not None else 0)
-    y = backend.linear(x.to(getattr(backend, "device", "cpu")), w, b, key).cpu().double()
+    wc = w if w_candidate is None else w_candidate
+    y = backend.linear(x.to(getattr(backend, "device", "cpu")), wc, b, key).cpu().double()
     # control: the same operands rounded to E4M3 exactly as the backend's recipe would, multiplied in fp64
     emu = EmulatedFP8Backend(control_granularity(backend), accumulate="fp64")
     xq, wq, sx, sw = emu.quantize_operands(x.cpu().float(), w.cpu().float(), key)
@@ -276,9 +281,10 @@ def stage_e(wb: Workbench, layer: int = 0, synthetic_batches=(1, 8, 16, 64, 128)
     rows, per_dim = [], {}
     W = wb.candidate
     for proj in ("q", "k", "v"):
-        w = W._w(f"blk.{layer}.attn_{proj}.weight")
+        name = f"blk.{layer}.attn_{proj}.weight"
+        w, w_cand = wb.reference._w(name), W._w(name)
         b = W.weights.get(f"blk.{layer}.attn_{proj}.bias")
-        r = gemm_parity(x, w, b, wb.backend, f"{layer}.{proj}_proj")
+        r = gemm_parity(x, w, b, wb.backend, f"{layer}.{proj}_proj", w_candidate=w_cand)
         per_dim[proj] = r.pop("per_dim")
         rows.append({"source": "model activations", "gemm": f"{proj}_proj", "batch": len(ids)} | r)
     gen = torch.Generator().manual_seed(0)

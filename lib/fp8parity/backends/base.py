@@ -29,4 +29,4 @@ class ReferenceBackend(LinearBackend):
     name = "reference"
 
     def linear(self, x, w, b, key):
-        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return F.linear(x, w.to(x.device, x.dtype), None if b is None else b.to(x.device, x.dtype))

@@ -60,9 +60,13 @@ class BF16Backend(LinearBackend):
     def __init__(self):
         super().__init__()
         self.device = require_cuda("bf16")
+        self._w: dict[str, torch.Tensor] = {}
 
     def linear(self, x, w, b, key):
-        y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
+        wb = self._w.get(key)
+        if wb is None:  # weights are constant: move and round them once
+            wb = self._w[key] = w.to(self.device, torch.bfloat16)
+        y = F.linear(x.to(self.device, torch.bfloat16), wb, None if b is None else b.to(self.device, torch.bfloat16))
         return y.to(x.dtype)
 
     def describe(self):
@@ -96,7 +100,10 @@ class TorchFP8Backend(LinearBackend):
         return wq, sw, w32
 
     def linear(self, x, w, b, key):
-        wq, sw, w32 = self.quantize_weight(w, key)
+        cached = self._w.get(key)
+        if cached is None:  # weights are constant: quantize them once per GEMM
+            cached = self._w[key] = self.quantize_weight(w, key)
+        wq, sw, w32 = cached
         x32 = x.to(self.device, torch.float32)
         xp, t = _pad_rows(x32)
         sx = self._scale(xp)
