@@ -17,7 +17,9 @@ ACCUMULATE = "fp32"  # emulated-fp8 only: fp32 | fp64 | fast (a model of Hopper'
 PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string."]  # chat prompts (template from the GGUF)
 THRESHOLD = 0.99  # cosine below this is a divergence (the spec's 0.99)
 RUN_DIR = "../runs/interactive"  # where verdicts, traces and figures go
-FAULT = "none"  # inject a catalogued fault into one side (see fp8parity.faults.CATALOGUE)'''
+FAULT = "none"  # inject a catalogued fault into one side (see fp8parity.faults.CATALOGUE)
+PATHS = ["prefill", "decode"]  # stage B judges these paths (production engines run batched prefill)
+MAX_NEW_TOKENS = 48  # stage F generation length'''
 
 SETUP = '''from IPython.display import Markdown, display
 
@@ -87,7 +89,7 @@ serial token-by-token decode with a KV cache. Cosine is accumulated in float64. 
 in forward order whose minimum cosine over positions drops below the threshold. A tap present on one side only is
 **UNMEASURED** — listed, never scored as 0 (#3729). Both sides are also judged against an fp64 oracle, so a
 wrong *reference* is named as the outlier (#3032).""",
-    [code("verdict, table, reports = stages.stage_b(wb)\ntable.head(20)"),
+    [code("verdict, table, reports = stages.stage_b(wb, paths=PATHS)\ntable.head(20)"),
      md("1 − cosine per layer for each op (log scale): a fault shows as a step at its layer; FP8 noise as a "
         "flat band well under the threshold line."),
      code("for (prompt, path), t in table.groupby(['prompt', 'path']):\n"
@@ -164,7 +166,8 @@ from the GGUF (its eos id, plus `<|im_end|>` / `<|endoftext|>` where the vocabul
 id, #3870). Golden output = the reference's generation. **Pass:** every run equals the golden output. The real
 cause of the investigation's gibberish was generation *without* stop tokens (PR #1890): the last cell shows what
 that does.""",
-    [code("verdict, runs, _ = stages.stage_f(wb, runs=5)\nruns[['prompt', 'run', 'output', 'stop_reason', "
+    [code("verdict, runs, _ = stages.stage_f(wb, runs=5, max_new_tokens=MAX_NEW_TOKENS)\n"
+          "runs[['prompt', 'run', 'output', 'stop_reason', "
           "'matches_golden']]"),
      code("ns = verdict.numbers['without_stop_tokens']\ndisplay(Markdown(f\"**Without stop tokens** "
           "({ns['tokens']} tokens, stop: {ns['stop_reason']}):\\n\\n```\\n{ns['text']}\\n```\"))"),

@@ -73,7 +73,8 @@ def _cmd_run_all(a: argparse.Namespace) -> int:
     from fp8parity.runner import run_all
 
     return run_all(model=a.model, backend=a.backend, recipe=a.recipe, prompt=a.prompt, threshold=a.threshold,
-                   run_id=a.run_id, fault=a.fault, runs_dir=a.runs_dir, notebooks=a.notebooks)
+                   run_id=a.run_id, fault=a.fault, runs_dir=a.runs_dir, notebooks=a.notebooks,
+                   max_prompts=a.max_prompts, paths=a.paths, max_new_tokens=a.max_new_tokens)
 
 
 def _cmd_faults(a: argparse.Namespace) -> int:
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--run-id", default="")
             s.add_argument("--fault", default="none")
             s.add_argument("--notebooks", default="", help="comma-separated notebook numbers (default: all)")
+            s.add_argument("--max-prompts", type=int, default=2, help="how many chat prompts stages B and F judge")
+            s.add_argument("--paths", default="prefill,decode", help="paths stage B judges")
+            s.add_argument("--max-new-tokens", type=int, default=48, help="stage F generation length")
         else:
             s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
         s.set_defaults(fn=fn)

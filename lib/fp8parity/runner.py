@@ -62,7 +62,8 @@ def to_html(ipynb: Path) -> Path:
 
 def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: str = "", threshold: float = 0.99,
             run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks_sel: str = "",
-            notebooks: str = "", prompts: list[str] | None = None, quiet: bool = False) -> int:
+            notebooks: str = "", prompts: list[str] | None = None, quiet: bool = False, max_prompts: int = 2,
+            paths: str = "prefill,decode", max_new_tokens: int = 48) -> int:
     import papermill as pm
 
     from fp8parity.faults import get_fault
@@ -74,8 +75,10 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
     books = _notebooks(sel)
     run = new_run_dir(Path(runs_dir).resolve(), run_id, backend, fault)
     plist = prompts or ([prompt] + [p for p in DEFAULT_PROMPTS if p != prompt] if prompt else DEFAULT_PROMPTS)
+    plist = plist[: max(1, max_prompts)]
     params = {"MODEL": str(Path(model).resolve()), "BACKEND": backend, "RECIPE": recipe, "PROMPTS": plist,
-              "THRESHOLD": float(threshold), "RUN_DIR": str(run), "FAULT": fault}
+              "THRESHOLD": float(threshold), "RUN_DIR": str(run), "FAULT": fault,
+              "PATHS": [p for p in paths.split(",") if p], "MAX_NEW_TOKENS": int(max_new_tokens)}
     (run / "parameters.json").write_text(json.dumps(params, indent=2))
     failed, timings = [], {}
     for nb in books:
@@ -110,6 +113,17 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
 _notebooks = notebooks
 
 
+def _stage_of(notebook: str) -> str:
+    from fp8parity.stages import STAGES
+
+    i = int(notebook[:2]) - 1
+    return list(STAGES)[i] if 0 <= i < len(STAGES) else ""
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
 def write_index(run: Path, failed: list[str]) -> Path:
     """index.html: a verdict per stage linking each report, provenance, the drift figure embedded."""
     verdicts = {}
@@ -130,6 +144,14 @@ def write_index(run: Path, failed: list[str]) -> Path:
         name = f'<a href="{link}">{html.escape(title)}</a>' if link else html.escape(title)
         rows.append(f'<tr><td>{stage}</td><td>{name}</td><td style="color:{colors[status]};font-weight:bold">'
                     f'{status.upper()}</td><td>{html.escape(summary)}</td></tr>')
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+    res_rows = "".join(
+        f"<tr><td>{html.escape(nb)}</td><td>{sec}</td>"
+        f"<td>{_fmt((verdicts.get(st) or {}).get('provenance', {}).get('resources', {}).get('host_peak_rss_gb'))}</td>"
+        f"<td>{_fmt((verdicts.get(st) or {}).get('provenance', {}).get('resources', {}).get('gpu_peak_gb'))}</td></tr>"
+        for nb, sec in timings.items() for st in [_stage_of(nb)])
+    resources_html = ("<h2>Cost</h2><table><tr><th>notebook</th><th>wall s</th><th>host peak RSS GB</th>"
+                      f"<th>GPU peak GB</th></tr>{res_rows}</table>") if res_rows else ""
     fig = run / "affine_drift.png"
     img = (f'<h2>Logits affine drift (stage A)</h2><img style="max-width:100%" src="data:image/png;base64,'
            f'{base64.b64encode(fig.read_bytes()).decode()}">' if fig.is_file() else "")
@@ -149,7 +171,7 @@ th{{background:#f6f8fa;text-align:left}}</style></head><body>
 <h1>FP8 parity cascade — run {html.escape(run.name)}</h1>{fails}
 <table>{''.join(f'<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>' for k, v in info)}</table>
 <h2>Verdicts</h2><table><tr><th>stage</th><th>what</th><th>verdict</th><th>the number behind it</th></tr>
-{''.join(rows)}</table>{img}<h2>Reports</h2><ul>{others}</ul></body></html>"""
+{''.join(rows)}</table>{img}{resources_html}<h2>Reports</h2><ul>{others}</ul></body></html>"""
     out = run / "index.html"
     out.write_text(page, encoding="utf-8")
     (run / "verdicts.json").write_text(json.dumps({"run": run.name, "failed_notebooks": failed,

@@ -97,7 +97,7 @@ class Workbench:
             "model": self.gguf.config.name, "model_file": str(self.gguf.path), "model_sha256": self.gguf.sha256,
             "backend": self.backend.describe(), "recipe": self.fault.recipe or self.params.recipe,
             "fault": self.fault.name, "threshold": self.params.threshold, "prompts": self.params.prompts,
-            "machine": machine(), "versions": versions(),
+            "machine": machine(), "versions": versions(), "resources": resources(),
         }
 
     def provenance_markdown(self) -> str:
@@ -120,6 +120,16 @@ class Workbench:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
         tmp.replace(path)
         return path
+
+
+def resources() -> dict:
+    """Peaks so far in this process: host RSS and, where there is a GPU, device memory."""
+    import resource
+
+    out = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
 
 
 def _json_default(o):
