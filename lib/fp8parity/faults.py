@@ -40,8 +40,10 @@ CATALOGUE: tuple[Fault, ...] = (
           expected_stage="F", stop_tokens=False),
     Fault("rmsnorm-eps-1e-5", "RMSNorm eps 1e-5 instead of the file's 1e-6", "spec stage D (PMAT-698n)",
           expected_stage="D", expected_layer=0, expected_op="attn_norm", options={"rms_eps": 1e-5}),
+    # scale 1.0 clips every GEMM input above 448: in Qwen2.5-0.5B the first is layer 2's ffn_down (input amax 565,
+    # where the massive activation is made); weights of ~0.02 keep 1-2 significant bits everywhere (stage E)
     Fault("delayed-scaling-uncalibrated", "TE DelayedScaling under no_grad: scales stay 1.0", "FP8-NOTES pitfall",
-          expected_stage="E", expected_layer=0, expected_op="q_proj", recipe="delayed",
+          expected_stage="E", expected_layer=2, expected_op="ffn_out", recipe="delayed",
           backends=("emulated-fp8", "te"), fp8=True),
     Fault("per-batch-scale-ftz", "one per-batch E4M3 scale with subnormals flushed to zero", "#3807",
           expected_stage="E", expected_layer=0, expected_op="q_proj", backend_options={"granularity": "batch-ftz"},
