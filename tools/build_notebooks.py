@@ -179,14 +179,9 @@ that does.""",
     "Summary — verdicts across the cascade",
     """One table of every stage's verdict in this run (pass / fail / unmeasured and the number behind it), the
 logits affine drift picture, and links to each stage's report.""",
-    [code("import json\nfrom pathlib import Path\n\nimport pandas as pd\n\nvdir = Path(RUN_DIR) / 'verdicts'\n"
-          "verdicts = [json.loads(p.read_text()) for p in sorted(vdir.glob('stage_*.json'))]\n"
-          "summary = pd.DataFrame([{'stage': v['stage'], 'title': v['title'], 'status': v['status'], "
-          "'summary': v['summary']} for v in verdicts])\nseen = set(summary.stage) if len(summary) else set()\n"
-          "missing = [s for s in stages.STAGES if s not in seen]\n"
-          "summary = pd.concat([summary, pd.DataFrame([{'stage': s, 'title': stages.STAGES[s], 'status': 'unmeasured', "
-          "'summary': 'this stage did not run (see its report)'} for s in missing])]).sort_values('stage')\n"
-          "with pd.option_context('display.max_colwidth', None):\n    display(summary.style.hide(axis='index'))"),
+    [code("from pathlib import Path\n\nimport pandas as pd\n\nfrom fp8parity.runner import verdict_table\n\n"
+          "summary = verdict_table(Path(RUN_DIR))\nwith pd.option_context('display.max_colwidth', None):\n"
+          "    display(summary.style.hide(axis='index'))"),
      md("The affine drift of the last-position logits (from stage A): the investigation's symptom was "
         "GPU ≈ 0.96·CPU + 0.12."),
      code("import torch\n\nlogits_file = Path(RUN_DIR) / 'stage_a_logits.pt'\nif logits_file.is_file():\n"

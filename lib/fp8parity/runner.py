@@ -124,6 +124,22 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
+def verdict_table(run: Path):
+    """One row per stage A-F from the run's verdict files; a stage with no verdict is 'unmeasured'."""
+    import pandas as pd
+
+    from fp8parity.stages import STAGES
+
+    found = {}
+    for p in sorted((Path(run) / "verdicts").glob("stage_*.json")):
+        v = json.loads(p.read_text())
+        found[v["stage"]] = v
+    return pd.DataFrame([{"stage": s, "title": found[s]["title"] if s in found else title,
+                          "status": found[s]["status"] if s in found else "unmeasured",
+                          "summary": found[s]["summary"] if s in found else "this stage did not run (see its report)"}
+                         for s, title in STAGES.items()])
+
+
 def write_index(run: Path, failed: list[str]) -> Path:
     """index.html: a verdict per stage linking each report, provenance, the drift figure embedded."""
     verdicts = {}

@@ -1,0 +1,92 @@
+"""Stage functions and the fault catalogue on the tiny model: each instrument catches the bug classes it
+claims. Model-path faults ride on a bit-exact candidate (the reference backend), so the clean run is silent
+and every alarm is the fault's."""
+
+from __future__ import annotations
+
+import pytest
+
+from fp8parity import stages
+from fp8parity.errors import WorkbookError
+from fp8parity.fault_bench import new_alarms
+from fp8parity.faults import CATALOGUE, get_fault
+from fp8parity.workbench import Params, Workbench
+
+
+def bench(tiny_path, tmp_path, fault: str, backend: str = "reference") -> Workbench:
+    return Workbench(Params(model=str(tiny_path), backend=backend, fault=fault, run_dir=str(tmp_path / fault)))
+
+
+def cascade(wb: Workbench) -> dict[str, stages.Verdict]:
+    return {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, paths=("prefill",), save_traces=False)[0],
+            "C": stages.stage_c(wb)[0], "D": stages.stage_d(wb)[0],
+            "E": stages.stage_e(wb, layers=[0, 1], synthetic_batches=(16,))[0],
+            "F": stages.stage_f(wb, runs=2, max_new_tokens=6)[0]}
+
+
+@pytest.fixture(scope="module")
+def clean(tiny_path, tmp_path_factory):
+    return cascade(bench(tiny_path, tmp_path_factory.mktemp("clean"), "none"))
+
+
+def test_clean_bit_exact_candidate_raises_no_alarm(clean):
+    assert {s: v.status for s, v in clean.items()} == dict.fromkeys("ABCDEF", "pass")
+    assert clean["A"].numbers["exit_code"] == 0 and clean["A"].numbers["deterministic"]
+    assert clean["A"].numbers["affine"]["slope"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fault,stage,where", [
+    ("rmsnorm-eps-1e-5", "D", None),
+    ("embedding-off-by-one", "C", (-1, "embedding")),
+    ("rope-theta-1e4", "B", (0, "q_post_rope")),
+    ("transposed-q-weight", "E", (0, "q_proj")),
+])
+def test_model_path_faults_are_localized(tiny_path, tmp_path, clean, fault, stage, where):
+    v = cascade(bench(tiny_path, tmp_path, fault))
+    alarms = new_alarms(v, clean)
+    assert stage in alarms, (fault, alarms)
+    if where is not None:
+        fd = v["B"].numbers["first_divergence"]
+        assert (fd["layer"], fd["stage"]) == where
+
+
+def test_corrupted_reference_is_named_the_outlier(tiny_path, tmp_path):
+    wb = bench(tiny_path, tmp_path, "reference-q8k-activations")
+    v = stages.stage_b(wb, paths=("prefill",), save_traces=False)[0]
+    assert v.status == "fail" and v.numbers["reference_is_outlier"]
+    assert "REFERENCE is the outlier" in v.summary
+
+
+def test_stale_activation_cache_is_pinned_to_layer0_attn_out(tiny_path, tmp_path):
+    wb = bench(tiny_path, tmp_path, "stale-activation-cache", backend="emulated-fp8")
+    v = stages.stage_b(wb, paths=("prefill",), save_traces=False)[0]
+    fd = v.numbers["first_divergence"]
+    assert (fd["layer"], fd["stage"]) == (0, "attn_out") and fd["min_cosine"] < 0.5
+    assert v.numbers["explanation"]["kind"] == "the op itself"
+
+
+def test_delayed_scaling_at_scale_one_fails_stage_e(tiny_path, tmp_path):
+    wb = bench(tiny_path, tmp_path, "delayed-scaling-uncalibrated", backend="emulated-fp8")
+    clean_fp8 = stages.stage_e(bench(tiny_path, tmp_path / "c", "none", "emulated-fp8"), layers=[0])[0]
+    v = stages.stage_e(wb, layers=[0], synthetic_batches=())[0]
+    assert clean_fp8.status == "pass"
+    assert v.numbers["candidate_rel_l2"] > clean_fp8.numbers["candidate_rel_l2"]
+
+
+def test_stage_f_without_stop_tokens_runs_to_the_limit(tiny_path, tmp_path):
+    wb = bench(tiny_path, tmp_path, "missing-stop-tokens")
+    v = stages.stage_f(wb, runs=1, max_new_tokens=5)[0]
+    assert v.numbers["stop_tokens_used"] is False
+    assert v.numbers["without_stop_tokens"]["stop_reason"] == "max_new_tokens"
+
+
+def test_every_fault_names_its_class_stage_and_reference():
+    for f in CATALOGUE:
+        assert f.bug_class and f.reference and f.expected_stage in ("A", "B", "C", "D", "E", "F", "none")
+    with pytest.raises(WorkbookError, match="unknown fault 'nope'"):
+        get_fault("nope")
+
+
+def test_fp8_fault_on_a_non_emulated_backend_is_refused(tiny_path, tmp_path):
+    with pytest.raises(WorkbookError, match="emulated-fp8"):
+        bench(tiny_path, tmp_path, "stale-activation-cache", backend="reference")

@@ -1,0 +1,58 @@
+"""Notebooks are stored clean and thin, and the whole workbook runs headless under papermill (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fp8parity.errors import WorkbookError
+from fp8parity.runner import run_all
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_seven_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_without_outputs_with_a_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert nb.cells[0].cell_type == "markdown" and len(nb.cells[0].source) > 100  # says what is tested and why
+    assert max(len(c.source.splitlines()) for c in code) <= 12  # thin: logic lives in lib/
+
+
+def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tmp_path):
+    rc = run_all(model=str(tiny_path), backend="emulated-fp8", runs_dir=str(tmp_path), run_id="ci", max_prompts=1,
+                 max_new_tokens=8, quiet=True)
+    run = tmp_path / "ci"
+    assert rc == 0
+    verdicts = json.loads((run / "verdicts.json").read_text())
+    assert verdicts["failed_notebooks"] == [] and set(verdicts["verdicts"]) == set("ABCDEF")
+    for v in verdicts["verdicts"].values():
+        assert v["status"] in ("pass", "fail", "unmeasured") and v["summary"]
+        assert v["provenance"]["backend"]["name"] == "emulated-fp8"
+    index = (run / "index.html").read_text()
+    assert index.count("<tr><td>") >= 6 and "data:image/png;base64," in index  # images embedded, opens from disk
+    htmls = sorted(p.name for p in run.glob("0*.html"))
+    assert len(htmls) == 7 and all(h in index for h in htmls)
+    assert list(run.glob("stage_b/*/layer_*_q_proj.json"))
+    with tarfile.open(tmp_path / "ci.tar.gz") as tar:
+        assert "ci/index.html" in tar.getnames()
+    with pytest.raises(WorkbookError, match="never overwrite"):
+        run_all(model=str(tiny_path), runs_dir=str(tmp_path), run_id="ci")
+
+
+def test_bad_model_fails_before_a_run_folder_exists(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    with pytest.raises(WorkbookError, match="not a GGUF"):
+        run_all(model=str(bad), runs_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
