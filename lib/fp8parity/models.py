@@ -298,7 +298,7 @@ def write_7b_shaped(path: Path, tokenizer: TokenizerData, spec: SynthSpec = SEVE
     """A 7B-shaped Q4_K_M-like GGUF in about a minute: each tensor's blocks are drawn from a pool of
     quantized N(0,1) blocks and rescaled through their fp16 block scales (so the file is valid
     quantized data with the intended statistics), plus the outlier channel in the embedding."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     tokenizer = padded(tokenizer, spec.vocab)
     rng = np.random.default_rng(spec.seed)

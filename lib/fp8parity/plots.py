@@ -11,7 +11,7 @@ from fp8parity.taps import LAYER_STAGES
 
 def cosine_per_layer(table: pd.DataFrame, threshold: float, title: str = "") -> plt.Figure:
     """1 - cosine per layer, one line per op, log axis; the threshold as a dashed line."""
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     layered = table[table.layer >= 0]
     cmap = plt.get_cmap("tab20")
     for i, stage in enumerate(LAYER_STAGES):
@@ -28,7 +28,7 @@ def cosine_per_layer(table: pd.DataFrame, threshold: float, title: str = "") -> 
     ax.set_xlabel("layer")
     ax.set_ylabel("1 − cosine (min over positions)")
     ax.set_title(title or "per-layer parity: candidate vs reference")
-    ax.legend(ncol=3, fontsize=7, loc="upper left")
+    ax.legend(ncol=1, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig

@@ -174,7 +174,8 @@ def write_index(run: Path, failed: list[str]) -> Path:
     backend = prov.get("backend", {})
     model_file = Path(prov.get("model_file", "?")).name
     info = [("model", f"{prov.get('model')} ({model_file}, sha256 {prov.get('model_sha256', '?')[:16]}…)"),
-            ("candidate backend", f"{backend.get('name')} {json.dumps({k: v for k, v in backend.items() if k != 'name'})}"),
+            ("candidate backend", f"{backend.get('name')} " + ", ".join(
+                f"{k}={v}" for k, v in backend.items() if k not in ("name", "recipe_repr", "card"))),
             ("recipe", prov.get("recipe")), ("fault", prov.get("fault")), ("threshold", prov.get("threshold")),
             ("card", (prov.get("machine") or {}).get("card") or "none (CPU only)"),
             ("versions", json.dumps(prov.get("versions", {})))]

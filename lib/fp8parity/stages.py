@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from fp8parity import metrics, parity
 from fp8parity.backends.emulated import EmulatedFP8Backend

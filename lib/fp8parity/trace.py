@@ -38,9 +38,13 @@ def parse_key(s: str) -> TapKey:
 
 
 def versions() -> dict:
-    import gguf
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "gguf": getattr(gguf, "__version__", "?"),
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = "?"
+    out = {"python": platform.python_version(), "torch": torch.__version__, "gguf": gguf_version,
            "fp8parity": __import__("fp8parity").__version__}
     try:
         import transformer_engine

@@ -139,6 +139,10 @@ class TEBackend(LinearBackend):
             raise WorkbookError(f"unknown TE recipe {recipe!r}; choose one of {', '.join(TE_RECIPES)}.")
         self.device = require_fp8_gpu("te")
         try:
+            import warnings
+
+            # TE warns about JAX whenever JAX is installed beside it; irrelevant here and noisy in every report
+            warnings.filterwarnings("ignore", message="Detected a Jax installation")
             import transformer_engine.pytorch as te
             from transformer_engine.common import recipe as te_recipe
         except ImportError:
