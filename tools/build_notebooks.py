@@ -189,6 +189,15 @@ logits affine drift picture, and links to each stage's report.""",
           "    fit = affine_fit(lg['candidate'], lg['reference'])\n"
           "    plots.affine_drift(lg['reference'].numpy(), lg['candidate'].numpy(), fit.slope, fit.intercept, "
           "fit.pearson_r)\nelse:\n    print('stage A did not run: no logits to plot')"),
+     md("Which faults produce an affine logits signature like the investigation's GPU ≈ 0.96·CPU + 0.12? From the "
+        "newest `make faults` run beside this one: faults that scale or shift every logit (per-tensor FP8 rounding, "
+        "fp16 storage, flushed subnormals) sit near the red star with r close to 1; faults that scramble the "
+        "computation (a stale activation cache, an off-by-one embedding) have r far below 1 and are no affine drift."),
+     code("from fp8parity.fault_bench import latest_localization\n\nfound = latest_localization(Path(RUN_DIR).parent)\n"
+          "if found is None:\n    print('no fault bench yet: run `make faults`')\nelse:\n"
+          "    folder, loc = found\n    measured = loc[loc.slope.notna()]\n    plots.affine_signatures(measured)\n"
+          "    display(measured[['fault', 'candidate', 'expected_stage', 'new_alarms', 'localized', 'slope', "
+          "'intercept', 'pearson_r']])"),
      code("links = ' · '.join(f'[{p.stem}]({p.name})' for p in sorted(Path(RUN_DIR).glob('0*.html')))\n"
           "display(Markdown('Reports: ' + (links or '(rendered by `make run-all`)')))\n"
           "wb.save_json('summary.json', {'verdicts': summary.to_dict('records'), 'provenance': wb.provenance()})"),

@@ -154,3 +154,11 @@ def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "
     if len(missed):
         print(f"not localized: {', '.join(missed.fault + ' on ' + missed.candidate)}", file=sys.stderr)
     return 0
+
+
+def latest_localization(runs_dir: str | Path) -> tuple[Path, pd.DataFrame] | None:
+    """The newest `make faults` result under runs_dir, or None."""
+    found = sorted(Path(runs_dir).glob("faults-*/localization.csv"))
+    if not found:
+        return None
+    return found[-1].parent, pd.read_csv(found[-1])

@@ -62,7 +62,7 @@ CATALOGUE: tuple[Fault, ...] = (
     Fault("reference-q8k-activations", "the reference quantizes activations like Q8_K (one scale per 256)",
           "#3032 / #2971", expected_stage="B", side="reference", options={"activation_quant": "q8_k"}),
     Fault("bias-bf16", "Q/K/V bias rounded to bf16 (TE does this): a small honest drift", "FP8-NOTES",
-          expected_stage="none", backend_options={"bias_dtype": "bf16"}, fp8=True),
+          expected_stage="none", backend_options={"bias_dtype": "bf16"}, backends=("emulated-fp8",), fp8=True),
 )
 FAULTS = {f.name: f for f in CATALOGUE}
 

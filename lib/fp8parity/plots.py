@@ -96,17 +96,25 @@ def bars(df: pd.DataFrame, x: str, ys: list[str], title: str, ylabel: str, log: 
 
 
 def affine_signatures(df: pd.DataFrame) -> plt.Figure:
-    """Slope and intercept of each fault's logits fit: which faults look like GPU ≈ 0.96·CPU + 0.12."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(df.slope, df.intercept, s=40, c=np.clip(df.pearson_r, 0, 1), cmap="viridis", vmin=0.5, vmax=1, zorder=3)
-    for r in df.itertuples():
-        ax.annotate(r.fault, (r.slope, r.intercept), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.scatter([0.96], [0.12], marker="*", s=200, color="red", zorder=4, label="investigation: 0.96·CPU + 0.12")
-    ax.scatter([1.0], [0.0], marker="+", s=200, color="k", zorder=4, label="identity")
-    ax.set_xlabel("slope (candidate on reference logits)")
-    ax.set_ylabel("intercept")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_title("logits affine signature per fault (colour: Pearson r)")
+    """Slope and intercept of each fault's logits fit: which faults look like GPU ≈ 0.96·CPU + 0.12.
+    Left: every fault; right: the neighbourhood of the identity, where the subtle ones sit."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    near = (df.slope.between(0.9, 1.06)) & (df.intercept.between(-0.2, 0.3))
+    for ax, part, title in ((axes[0], df, "all faults"), (axes[1], df[near], "near the identity")):
+        ax.scatter(part.slope, part.intercept, s=40, c=np.clip(part.pearson_r, 0, 1), cmap="viridis", vmin=0.5, vmax=1,
+                   zorder=3)
+        for i, r in enumerate(part.itertuples()):
+            if ax is axes[0] and near.loc[r.Index]:
+                continue  # labelled on the right
+            label = f"{r.fault} ({r.candidate})" if "candidate" in part else r.fault
+            ax.annotate(label, (r.slope, r.intercept), fontsize=7, xytext=(5, 6 - 5 * (i % 3)), textcoords="offset points")
+        ax.scatter([0.96], [0.12], marker="*", s=220, color="red", zorder=4, label="investigation: 0.96·CPU + 0.12")
+        ax.scatter([1.0], [0.0], marker="+", s=200, color="k", zorder=4, label="identity")
+        ax.set_xlabel("slope (candidate on reference logits)")
+        ax.set_ylabel("intercept")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("logits affine signature per fault (colour: Pearson r)")
     fig.tight_layout()
     return fig
