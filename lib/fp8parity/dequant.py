@@ -21,7 +21,7 @@ from fp8parity.errors import WorkbookError
 
 QK_K = 256
 # Blocks per chunk: keeps intermediates of a chunk within a few MB of cache.
-_CHUNK_BLOCKS = 8192
+_CHUNK_BLOCKS = 16384
 
 SUPPORTED_TYPES = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
@@ -51,28 +51,46 @@ def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
     out.add_(m)
 
 
-def _q5_high_bits(qh_bytes: torch.Tensor) -> torch.Tensor:
-    """(n, 4) uint8 little-endian uint32 -> (n, 32) uint8 of bit i at column i, shifted to bit 4."""
-    bits = (qh_bytes.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1  # (n, 4, 8)
-    return bits.reshape(-1, 32) << 4
+def _bits_lut(offset: int) -> torch.Tensor:
+    """For each byte value: its 8 bits, each as (bit << 4) + offset, packed as one int64 of 8 int8 lanes."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8), bit i at lane i
+    return ((bits << 4) + offset).to(torch.int8).contiguous().view(torch.int64).reshape(256)
+
+
+_HIGH_BITS = {0: _bits_lut(0), -16: _bits_lut(-16)}
+
+
+def _q5_ints(qs: torch.Tensor, qh_bytes: torch.Tensor, offset: int) -> torch.Tensor:
+    """(n, 16) nibble bytes + (n, 4) high-bit bytes -> (n, 32) int8 of q + offset, in ggml's value order.
+
+    One table lookup per high-bit byte yields 8 ready lanes (bit << 4, offset folded in); the nibbles are
+    written straight into the two halves: about half the passes of unpacking bit by bit.
+    """
+    n = qs.shape[0]
+    q = torch.empty(n, 32, dtype=torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=q[:, :16])
+    torch.bitwise_right_shift(qs, 4, out=q[:, 16:])
+    high = torch.take(_HIGH_BITS[offset], qh_bytes.long()).view(torch.int8).view(n, 32)  # (n, 4) int64 -> int8
+    return q.view(torch.int8).add_(high)
 
 
 def _q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
     d = _f16(b[:, :2])
-    q = (_nibbles(b[:, 6:]) | _q5_high_bits(b[:, 2:6])).to(torch.int8) - 16
-    torch.mul(d, q.to(torch.float32), out=out)
+    out.copy_(_q5_ints(b[:, 6:], b[:, 2:6], -16))  # int8 -> fp32, exact
+    out.mul_(d)
 
 
 def _q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = (_nibbles(b[:, 8:]) | _q5_high_bits(b[:, 4:8])).to(torch.float32)
-    torch.mul(d, q, out=out)
+    out.copy_(_q5_ints(b[:, 8:], b[:, 4:8], 0))
+    out.mul_(d)
     out.add_(m)
 
 
 def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
     d = _f16(b[:, :2])
-    torch.mul(b[:, 2:].view(torch.int8).to(torch.float32), d, out=out)
+    out.copy_(b[:, 2:].view(torch.int8))  # int8 -> fp32 without a temporary
+    out.mul_(d)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,21 +102,24 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _k_affine(b: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
-    """out = (d*sc) * q - (dmin*m) per 32-value sub-block, as gguf-py orders it."""
+    """out = (d*sc) * q - (dmin*m) per 32-value sub-block, as gguf-py orders it (q: uint8, 8 sub-blocks of 32)."""
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     sc, mn = _k_scale_min(b[:, 4:16])
     dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
     ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
     o = out.view(n, 8, 32)
-    torch.mul(dl, q.reshape(n, 8, 32).to(torch.float32), out=o)
+    o.copy_(q.reshape(n, 8, 32))  # uint8 -> fp32, exact
+    o.mul_(dl)
     o.sub_(ml)
 
 
 def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     qs = b[:, 16:].reshape(n, 4, 32)
-    q = torch.stack((qs & 0x0F, qs >> 4), dim=2)  # (n, 4, 2, 32): sub-blocks 2j, 2j+1
+    q = torch.empty(n, 4, 2, 32, dtype=torch.uint8)  # sub-blocks 2j (low nibbles), 2j+1 (high nibbles)
+    torch.bitwise_and(qs, 0x0F, out=q[:, :, 0])
+    torch.bitwise_right_shift(qs, 4, out=q[:, :, 1])
     _k_affine(b, q, out)
 
 
@@ -111,17 +132,31 @@ def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     _k_affine(b, ql | hi, out)
 
 
+def _crumbs_lut() -> torch.Tensor:
+    """For each byte: its four 2-bit fields f0..f3 as (f << 4) - 32, packed as one int32 of 4 int8 lanes."""
+    fields = (torch.arange(256).unsqueeze(1) >> torch.tensor([0, 2, 4, 6])) & 3  # (256, 4)
+    return ((fields << 4) - 32).to(torch.int8).contiguous().view(torch.int32).reshape(256)
+
+
+_Q6_HIGH = _crumbs_lut()
+
+
 def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    """value = d*sc * (q - 32); q = low 4 bits from ql, high 2 bits from qh (ggml's interleaved layout)."""
     n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 1, 64)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    ql = b[:, :128].reshape(n, 2, 64)
     sc = b[:, 192:208].view(torch.int8).to(torch.float32)
     d = _f16(b[:, 208:210])
-    lo = torch.cat((ql & 0x0F, ql >> 4), dim=2).reshape(n, 2, 4, 32)
-    hi = ((qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3) << 4
-    q = (lo | hi).to(torch.int8) - 32
+    q = torch.empty(n, 2, 2, 64, dtype=torch.uint8)  # (half, nibble, 64) == (half, group, 32)
+    torch.bitwise_and(ql, 0x0F, out=q[:, :, 0])
+    torch.bitwise_right_shift(ql, 4, out=q[:, :, 1])
+    # one lookup per qh byte gives the high bits of lane l in all four groups: (n, 2, 32, 4) -> (n, 2, 4, 32)
+    high = torch.take(_Q6_HIGH, b[:, 128:192].long()).view(torch.int8).view(n, 2, 32, 4).permute(0, 1, 3, 2)
+    qi = q.view(torch.int8).view(n, 2, 4, 32).add_(high)
     dl = (d * sc).reshape(n, 16, 1)
-    torch.mul(dl, q.reshape(n, 16, 16).to(torch.float32), out=out.view(n, 16, 16))
+    o = out.view(n, 16, 16)
+    o.copy_(qi.view(n, 16, 16))
+    o.mul_(dl)
 
 
 _BLOCK_DEQUANTIZERS = {
