@@ -90,3 +90,23 @@ def test_every_fault_names_its_class_stage_and_reference():
 def test_fp8_fault_on_a_non_emulated_backend_is_refused(tiny_path, tmp_path):
     with pytest.raises(WorkbookError, match="emulated-fp8"):
         bench(tiny_path, tmp_path, "stale-activation-cache", backend="reference")
+
+
+def test_capsule_round_trip_replays_the_reference_exactly(tiny, tmp_path):
+    """A capsule carries raw GGUF blocks and GEMM inputs; replayed on the reference it reproduces fp32 exactly."""
+    from fp8parity.backends import make_backend
+    from fp8parity.capsule import build_capsule, load_capsule, replay
+    from fp8parity.tokenizer import GGUFTokenizer
+
+    path = build_capsule(tiny, GGUFTokenizer(tiny).chat_ids("hi"), [0, -1], tmp_path / "c.safetensors")
+    tensors, meta = load_capsule(path)
+    assert meta["layers"] == [0, tiny.config.n_layers - 1]
+    assert tensors["raw.blk.0.ffn_down.weight"].dtype.is_floating_point is False  # raw quantized bytes travel
+    table = replay(path, {"reference": make_backend("reference"), "fp8": make_backend("emulated-fp8")})
+    assert len(table) == 2 * 7 * 2
+    ref = table[table.backend == "reference"]
+    assert (ref.max_abs_vs_reference == 0).all() and (ref.rel_l2_vs_fp64 < 1e-6).all()
+    fp8 = table[table.backend == "fp8"]
+    assert (fp8.cosine_vs_fp64 > 0.99).all() and (fp8.rel_l2_vs_fp64 > 1e-3).all()
+    with pytest.raises(WorkbookError, match="no capsule"):
+        load_capsule(tmp_path / "missing.safetensors")

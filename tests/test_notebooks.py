@@ -15,8 +15,8 @@ from fp8parity.runner import run_all
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def test_there_are_seven_numbered_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+def test_the_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -42,7 +42,8 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tmp_pa
     index = (run / "index.html").read_text()
     assert index.count("<tr><td>") >= 6 and "data:image/png;base64," in index  # images embedded, opens from disk
     htmls = sorted(p.name for p in run.glob("0*.html"))
-    assert len(htmls) == 7 and all(h in index for h in htmls)
+    assert len(htmls) == 8 and all(h in index for h in htmls)
+    assert (run / "capsule_replay.png").is_file()
     assert list(run.glob("stage_b/*/layer_*_q_proj.json"))
     with tarfile.open(tmp_path / "ci.tar.gz") as tar:
         assert "ci/index.html" in tar.getnames()

@@ -202,6 +202,31 @@ logits affine drift picture, and links to each stage's report.""",
           "display(Markdown('Reports: ' + (links or '(rendered by `make run-all`)')))\n"
           "wb.save_json('summary.json', {'verdicts': summary.to_dict('records'), 'provenance': wb.provenance()})"),
      ]),
+
+"08_capsule_replay": notebook(
+    "Real weights, GEMM by GEMM — the capsule replay",
+    """**Why.** A 7B GGUF (or even the 491 MB default model) does not always travel to where the GPU is. A *capsule*
+holds the raw GGUF blocks of a few layers plus the GEMM inputs the CPU reference computed there (about 11 MB a
+layer for the 0.5B); replayed on any backend it gives stage B/E evidence on **real weights**, layer by layer.
+
+**Falsifier.** Every GEMM of the capsule's layers (q, k, v, attn_out, gate, up, down) through the candidate
+backend on the reference's own inputs, compared with fp64 of the same operands. **Pass:** cosine ≥ threshold
+everywhere (no verdict file: this notebook is evidence for stages B and E).
+Set `CAPSULE` to a capsule built elsewhere (`benchmarks/capsule_replay.py build`), or leave it empty to build one
+from `MODEL` (first and last layer).""",
+    [code("from pathlib import Path\n\nfrom fp8parity.backends import make_backend\nfrom fp8parity.capsule import "
+          "build_capsule, replay\n\nCAPSULE = ''  # a capsule file; empty: build one from MODEL here\n"
+          "path = Path(CAPSULE) if CAPSULE else build_capsule(wb.gguf, wb.prompt_ids(), [0, -1], "
+          "wb.run_dir / 'capsule.safetensors')\n"
+          "table = replay(path, {'reference': make_backend('reference'), BACKEND: wb.backend})\ntable"),
+     code("import pandas as pd\n\npivot = table.pivot_table(index=['layer', 'gemm', 'quant'], columns='backend', "
+          "values='cosine_vs_fp64', sort=False)\nworst = table[table.backend != 'reference'].cosine_vs_fp64.min()\n"
+          "display(Markdown(f'worst candidate GEMM cosine vs fp64: **{worst:.6f}** '\n"
+          "                 f\"({'≥' if worst >= THRESHOLD else '<'} threshold {THRESHOLD})\"))\npivot"),
+     code("fig = plots.bars(table[table.backend != 'reference'].assign(name=lambda d: 'L' + d.layer.astype(str) + ' ' "
+          "+ d.gemm), 'name', ['rel_l2_vs_fp64'], 'capsule GEMMs on the candidate', 'relative L2 error vs fp64')\n"
+          "fig.savefig(wb.run_dir / 'capsule_replay.png', dpi=110)"),
+     ]),
 }
 
 
