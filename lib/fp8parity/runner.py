@@ -22,7 +22,7 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 DEFAULT_PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string."]
 
 
-def notebooks(select: str = "") -> list[Path]:
+def list_notebooks(select: str = "") -> list[Path]:
     found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
     if select:
         wanted = {s.strip().zfill(2) for s in select.split(",") if s.strip()}
@@ -61,9 +61,10 @@ def to_html(ipynb: Path) -> Path:
 
 
 def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: str = "", threshold: float = 0.99,
-            run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks_sel: str = "",
-            notebooks: str = "", prompts: list[str] | None = None, quiet: bool = False, max_prompts: int = 2,
+            run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks: str = "",
+            prompts: list[str] | None = None, quiet: bool = False, max_prompts: int = 2,
             paths: str = "prefill,decode", max_new_tokens: int = 48) -> int:
+    """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail)."""
     import papermill as pm
 
     from fp8parity.faults import get_fault
@@ -71,8 +72,7 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
 
     get_fault(fault)  # unknown names fail before anything is written
     GGUFModel(model)  # a bad model fails here, in one sentence, before a run folder exists
-    sel = notebooks or notebooks_sel
-    books = _notebooks(sel)
+    books = list_notebooks(notebooks)
     run = new_run_dir(Path(runs_dir).resolve(), run_id, backend, fault)
     plist = prompts or ([prompt] + [p for p in DEFAULT_PROMPTS if p != prompt] if prompt else DEFAULT_PROMPTS)
     plist = plist[: max(1, max_prompts)]
@@ -108,9 +108,6 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
         print(f"notebooks that failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-_notebooks = notebooks
 
 
 def _stage_of(notebook: str) -> str:
