@@ -18,6 +18,7 @@ FAULT    ?= none
 MAX_PROMPTS ?= 2
 PATHS    ?= prefill,decode
 MAX_NEW_TOKENS ?= 48
+CAPSULE  ?=
 RUNS_DIR ?= runs
 
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -66,7 +67,8 @@ endif
 run-all: $(SETUP) $(MODEL_DEP)
 	$(RUN) -m fp8parity run-all --model "$(MODEL)" --backend "$(BACKEND)" --recipe "$(RECIPE)" \
 		--prompt "$(PROMPT)" --threshold "$(THRESHOLD)" --run-id "$(RUN_ID)" --fault "$(FAULT)" --runs-dir "$(RUNS_DIR)" \
-		--max-prompts "$(MAX_PROMPTS)" --paths "$(PATHS)" --max-new-tokens "$(MAX_NEW_TOKENS)"
+		--max-prompts "$(MAX_PROMPTS)" --paths "$(PATHS)" --max-new-tokens "$(MAX_NEW_TOKENS)" \
+		--capsule "$(CAPSULE)"
 
 faults: $(SETUP) $(MODEL_DEP)
 	$(RUN) -m fp8parity faults --model "$(MODEL)" --backend "$(BACKEND)" --runs-dir "$(RUNS_DIR)"

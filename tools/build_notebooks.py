@@ -19,7 +19,8 @@ THRESHOLD = 0.99  # cosine below this is a divergence (the spec's 0.99)
 RUN_DIR = "../runs/interactive"  # where verdicts, traces and figures go
 FAULT = "none"  # inject a catalogued fault into one side (see fp8parity.faults.CATALOGUE)
 PATHS = ["prefill", "decode"]  # stage B judges these paths (production engines run batched prefill)
-MAX_NEW_TOKENS = 48  # stage F generation length'''
+MAX_NEW_TOKENS = 48  # stage F generation length
+CAPSULE = ""  # notebook 08: a real-weight capsule to replay; empty: build one from MODEL'''
 
 SETUP = '''from IPython.display import Markdown, display
 
@@ -215,10 +216,10 @@ everywhere (no verdict file: this notebook is evidence for stages B and E).
 Set `CAPSULE` to a capsule built elsewhere (`benchmarks/capsule_replay.py build`), or leave it empty to build one
 from `MODEL` (first and last layer).""",
     [code("from pathlib import Path\n\nfrom fp8parity.backends import make_backend\nfrom fp8parity.capsule import "
-          "build_capsule, replay\n\nCAPSULE = ''  # a capsule file; empty: build one from MODEL here\n"
+          "build_capsule, replay\n\n"
           "path = Path(CAPSULE) if CAPSULE else build_capsule(wb.gguf, wb.prompt_ids(), [0, -1], "
           "wb.run_dir / 'capsule.safetensors')\n"
-          "table = replay(path, {'reference': make_backend('reference'), BACKEND: wb.backend})\ntable"),
+          "table = replay(path, {'reference': make_backend('reference'), wb.backend.name: wb.backend})\ntable"),
      code("import pandas as pd\n\npivot = table.pivot_table(index=['layer', 'gemm', 'quant'], columns='backend', "
           "values='cosine_vs_fp64', sort=False)\nworst = table[table.backend != 'reference'].cosine_vs_fp64.min()\n"
           "display(Markdown(f'worst candidate GEMM cosine vs fp64: **{worst:.6f}** '\n"

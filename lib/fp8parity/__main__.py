@@ -74,7 +74,7 @@ def _cmd_run_all(a: argparse.Namespace) -> int:
 
     return run_all(model=a.model, backend=a.backend, recipe=a.recipe, prompt=a.prompt, threshold=a.threshold,
                    run_id=a.run_id, fault=a.fault, runs_dir=a.runs_dir, notebooks=a.notebooks,
-                   max_prompts=a.max_prompts, paths=a.paths, max_new_tokens=a.max_new_tokens)
+                   max_prompts=a.max_prompts, paths=a.paths, max_new_tokens=a.max_new_tokens, capsule=a.capsule)
 
 
 def _cmd_faults(a: argparse.Namespace) -> int:
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-prompts", type=int, default=2, help="how many chat prompts stages B and F judge")
             s.add_argument("--paths", default="prefill,decode", help="paths stage B judges")
             s.add_argument("--max-new-tokens", type=int, default=48, help="stage F generation length")
+            s.add_argument("--capsule", default="", help="notebook 08: a capsule file to replay (default: build one)")
         else:
             s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
         s.set_defaults(fn=fn)

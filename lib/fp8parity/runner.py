@@ -63,7 +63,7 @@ def to_html(ipynb: Path) -> Path:
 def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: str = "", threshold: float = 0.99,
             run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks: str = "",
             prompts: list[str] | None = None, quiet: bool = False, max_prompts: int = 2,
-            paths: str = "prefill,decode", max_new_tokens: int = 48) -> int:
+            paths: str = "prefill,decode", max_new_tokens: int = 48, capsule: str = "") -> int:
     """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail)."""
     import papermill as pm
 
@@ -78,7 +78,8 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
     plist = plist[: max(1, max_prompts)]
     params = {"MODEL": str(Path(model).resolve()), "BACKEND": backend, "RECIPE": recipe, "PROMPTS": plist,
               "THRESHOLD": float(threshold), "RUN_DIR": str(run), "FAULT": fault,
-              "PATHS": [p for p in paths.split(",") if p], "MAX_NEW_TOKENS": int(max_new_tokens)}
+              "PATHS": [p for p in paths.split(",") if p], "MAX_NEW_TOKENS": int(max_new_tokens),
+              "CAPSULE": str(Path(capsule).resolve()) if capsule else ""}
     (run / "parameters.json").write_text(json.dumps(params, indent=2))
     failed, timings = [], {}
     for nb in books:
