@@ -16,7 +16,6 @@ import torch
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0**-6
 E4M3_MIN_SUBNORMAL = 2.0**-9
-E4M3_UNIT_ROUNDOFF = 2.0**-4
 E4M3_SATURATION = 464.0  # round-to-nearest would take anything below 464 to 448: only beyond it is clipping
 FP32_MAX = torch.finfo(torch.float32).max
 

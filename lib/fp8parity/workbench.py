@@ -7,7 +7,6 @@ The reference is the CPU fp32 forward; the candidate is the same forward with th
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +140,3 @@ def _json_default(o):
         return o.__dict__
     return str(o)
 
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
