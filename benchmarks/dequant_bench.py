@@ -27,9 +27,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of N passes over all tensors")
     args = ap.parse_args()
     m = GGUFModel(args.model)
+    with open(args.model, "rb") as f:  # into the page cache first, so that neither side pays for the disk
+        while f.read(1 << 24):
+            pass
     tensors = list(m.tensors.values())
-    buf = torch.zeros(max(int(t.n_elements) for t in tensors))  # touched once, reused
+    buf = torch.empty(max(int(t.n_elements) for t in tensors))  # reused; its first touch counts in pass 1
     ours, theirs, nbytes = defaultdict(lambda: 1e9), defaultdict(lambda: 1e9), defaultdict(int)
+    first: dict[str, float] = {}  # pass 1: what one call over the model costs in a fresh process
     for t in tensors:
         nbytes[t.tensor_type.name] += int(t.n_elements) * 4
     for _ in range(args.repeats):
@@ -43,6 +47,8 @@ def main() -> None:
             t2 = time.perf_counter()
             g[q] += t1 - t0
             o[q] += t2 - t1
+        if not first:
+            first = {"gguf": sum(g.values()), "ours": sum(o.values())}
         for q in o:
             ours[q], theirs[q] = min(ours[q], o[q]), min(theirs[q], g[q])
     print(f"machine: {platform.node()} {platform.machine()}, torch threads {torch.get_num_threads()}, model {m.path.name}")
@@ -54,7 +60,9 @@ def main() -> None:
     tg, to = sum(theirs.values()), sum(ours.values())
     mb = sum(nbytes.values()) / 1e6
     print(f"{'all':6} {len(tensors):7d} {mb:8.0f} {mb / tg:10.0f} {mb / to:10.0f} {tg / to:6.1f}x   "
-          f"(gguf {tg:.2f} s, ours {to:.2f} s)")
+          f"(best pass: gguf {tg:.2f} s, ours {to:.2f} s)")
+    print(f"first pass in this process: gguf {first['gguf']:.2f} s, ours {first['ours']:.2f} s, "
+          f"{first['gguf'] / first['ours']:.1f}x (fresh memory included; file already in the page cache)")
 
 
 if __name__ == "__main__":
