@@ -51,6 +51,8 @@ def notebook(title: str, intro: str, cells: list) -> nbf.NotebookNode:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.cells = [md(f"# {title}\n\n{intro}"), code(PARAMS, ["parameters"]), code(SETUP)] + cells
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating leaves unchanged notebooks unchanged
     return nb
 
 
