@@ -23,18 +23,7 @@ from fp8parity.dequant import dequantize
 from fp8parity.errors import WorkbookError
 from fp8parity.gguf_file import GGUFModel
 from fp8parity.qwen2 import Qwen2Model
-from fp8parity.taps import Recorder
-
-# (GGUF tensor suffix, bias or None, tap holding the GEMM's input, tap holding its output)
-GEMMS = (
-    ("attn_q", "attn_q.bias", "attn_norm", "q_proj"),
-    ("attn_k", "attn_k.bias", "attn_norm", "k_proj"),
-    ("attn_v", "attn_v.bias", "attn_norm", "v_proj"),
-    ("attn_output", None, "attention", "attn_out"),
-    ("ffn_gate", None, "ffn_norm", "ffn_gate"),
-    ("ffn_up", None, "ffn_norm", "ffn_up"),
-    ("ffn_down", None, "ffn_swiglu", "ffn_out"),
-)
+from fp8parity.taps import LINEAR_OPS, Recorder
 
 
 def build_capsule(model: GGUFModel, ids: list[int], layers: list[int], path: Path) -> Path:
@@ -42,7 +31,7 @@ def build_capsule(model: GGUFModel, ids: list[int], layers: list[int], path: Pat
     layers = sorted({L if L >= 0 else n + L for L in layers})
     if any(not 0 <= L < n for L in layers):
         raise WorkbookError(f"capsule layers must lie in [0, {n}).")
-    taps = sorted({g[2] for g in GEMMS})  # the GEMM inputs
+    taps = sorted({tap_in for _, tap_in, _, _ in LINEAR_OPS})  # the GEMM inputs
     rec = Recorder(layers=layers, stages=taps)
     Qwen2Model(model).prefill(ids, rec)
     tensors, meta = {}, {"model": model.config.name, "model_sha256": model.sha256, "layers": layers, "ids": ids,
@@ -50,14 +39,14 @@ def build_capsule(model: GGUFModel, ids: list[int], layers: list[int], path: Pat
     for L in layers:
         for stage in taps:
             tensors[f"act.L{L}.{stage}"] = torch.stack([rec.tensors[(p, L, stage)] for p in range(len(ids))])
-        for wname, bname, _, _ in GEMMS:
-            name = f"blk.{L}.{wname}.weight"
+        for _, _, stem, has_bias in LINEAR_OPS:
+            name = f"blk.{L}.{stem}.weight"
             t = model.tensors[name]
             tensors[f"raw.{name}"] = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8).copy())
             meta["weights"][name] = {"qtype": t.tensor_type.name, "shape": list(model.shape(name)),
                                      "n_elements": int(t.n_elements)}
-            if bname:
-                tensors[f"bias.blk.{L}.{bname}"] = model.tensor(f"blk.{L}.{bname}").clone()
+            if has_bias:
+                tensors[f"bias.blk.{L}.{stem}.bias"] = model.tensor(f"blk.{L}.{stem}.bias").clone()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"capsule": json.dumps(meta)})
@@ -81,11 +70,11 @@ def replay(path: Path, backends: dict) -> pd.DataFrame:
     tensors, meta = load_capsule(path)
     rows = []
     for L in meta["layers"]:
-        for wname, bname, tap_in, tap_out in GEMMS:
-            name = f"blk.{L}.{wname}.weight"
+        for tap_out, tap_in, stem, has_bias in LINEAR_OPS:
+            name = f"blk.{L}.{stem}.weight"
             info = meta["weights"][name]
             w = dequantize(tensors[f"raw.{name}"], info["qtype"], info["n_elements"]).view(info["shape"])
-            b = tensors.get(f"bias.blk.{L}.{bname}") if bname else None
+            b = tensors[f"bias.blk.{L}.{stem}.bias"] if has_bias else None
             x = tensors[f"act.L{L}.{tap_in}"]
             ref32 = torch.nn.functional.linear(x, w, b)  # the reference's own fp32 CPU op
             exact = x.double() @ w.double().t() + (0 if b is None else b.double())

@@ -94,10 +94,7 @@ class _CheckedReader(GGUFReader):
 
 def _field_value(reader: GGUFReader, key: str, default=None):
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return default if field is None else field.contents()
 
 
 class GGUFModel:

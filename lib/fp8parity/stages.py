@@ -16,7 +16,7 @@ from tqdm import tqdm
 from fp8parity import metrics, parity
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.qwen2 import rms_norm
-from fp8parity.taps import Recorder
+from fp8parity.taps import LINEAR_OPS, Recorder
 from fp8parity.trace import save_trace
 from fp8parity.workbench import PROBE_TOKEN, Workbench
 
@@ -144,10 +144,7 @@ def stage_b(wb: Workbench, paths=("prefill", "decode"), prompts: list[int] | Non
 REFERENCE_BAR = 0.99999  # an fp32 reference agrees with fp64 to ~1e-10; anything under this is a broken reference
 
 
-GEMM_INPUTS = {"q_proj": ("attn_norm", "attn_q", True), "k_proj": ("attn_norm", "attn_k", True),
-               "v_proj": ("attn_norm", "attn_v", True), "attn_out": ("attention", "attn_output", False),
-               "ffn_gate": ("ffn_norm", "ffn_gate", False), "ffn_up": ("ffn_norm", "ffn_up", False),
-               "ffn_out": ("ffn_swiglu", "ffn_down", False)}
+GEMM_INPUTS = {op: (tap_in, stem, bias) for op, tap_in, stem, bias in LINEAR_OPS}
 
 
 def isolate_op(wb: Workbench, ref: dict, fd: parity.Divergence, th: float) -> dict:

@@ -18,6 +18,16 @@ LAYER_STAGES = (
     "post_attn_residual", "ffn_norm", "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "post_ffn_residual",
 )
 GLOBAL_LAYER = -1
+# Each linear layer of a block: (its output tap, the tap holding its input, GGUF tensor stem in blk.N., has bias)
+LINEAR_OPS = (
+    ("q_proj", "attn_norm", "attn_q", True),
+    ("k_proj", "attn_norm", "attn_k", True),
+    ("v_proj", "attn_norm", "attn_v", True),
+    ("attn_out", "attention", "attn_output", False),
+    ("ffn_gate", "ffn_norm", "ffn_gate", False),
+    ("ffn_up", "ffn_norm", "ffn_up", False),
+    ("ffn_out", "ffn_swiglu", "ffn_down", False),
+)
 ALL_STAGES = (EMBEDDING, *LAYER_STAGES, FINAL_NORM, LOGITS)
 
 

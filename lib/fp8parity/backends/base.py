@@ -15,9 +15,19 @@ class LinearBackend:
     def __init__(self) -> None:
         self.stats: dict[str, dict] = {}
         self.collect_stats = True  # per-GEMM FP8 statistics (turned off where they cost more than they tell)
+        self._weight_stats: dict[str, tuple[torch.Tensor, dict]] = {}
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def record_stats(self, key: str, x: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> None:
+        """FP8 statistics of one GEMM's operands; a weight's are computed once per (weight, scale)."""
+        from fp8parity import fp8
+
+        cached = self._weight_stats.get(key)
+        if cached is None or not torch.equal(cached[0], sw):
+            cached = self._weight_stats[key] = (sw.clone(), fp8.quant_stats(w, sw, fp8.quantize(w, sw)).to_dict())
+        self.stats[key] = {"input": fp8.quant_stats(x, sx, fp8.quantize(x, sx)).to_dict(), "weight": cached[1]}
 
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device)}

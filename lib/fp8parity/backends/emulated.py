@@ -46,7 +46,7 @@ class EmulatedFP8Backend(LinearBackend):
         self.stale_activation_cache = stale_activation_cache
         self.calibrating = False
         self.fast_bits, self.fast_truncate, self.fast_chunk = FAST_ACCUM_BITS, FAST_ACCUM_TRUNCATE, FAST_ACCUM_CHUNK
-        self._amax_history: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._amax_history: dict[str, torch.Tensor] = {}  # input amax per GEMM
         self._act_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Weights are constant: quantize each GEMM's weight once (values kept as exact fp32, stats kept).
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}

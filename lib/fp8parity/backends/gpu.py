@@ -109,8 +109,7 @@ class TorchFP8Backend(LinearBackend):
         sx = self._scale(xp)
         xq = fp8.quantize(xp, sx)
         if self.collect_stats:
-            self.stats[key] = {"input": fp8.quant_stats(xp[:t], sx[:t] if sx.numel() > 1 else sx, xq[:t]).to_dict(),
-                               "weight": fp8.quant_stats(w32, sw, wq).to_dict()}
+            self.record_stats(key, xp[:t], sx[:t] if sx.numel() > 1 else sx, w32, sw)
         sa = (1.0 / sx).float()
         sb = (1.0 / sw).float().reshape(1, -1) if self.granularity == "rowwise" else (1.0 / sw).float().reshape(())
         if self.granularity == "tensor":
@@ -207,13 +206,12 @@ class TEBackend(LinearBackend):
 
     def _record_stats(self, mod, x: torch.Tensor, key: str) -> None:
         """Input/weight scales as TE holds them (delayed: fp8_meta; current: recomputed from amax)."""
+        w = mod.weight.detach()  # a parameter: keep autograd out of the statistics
         if self.recipe_name.startswith("delayed"):
             meta = mod.fp8_meta["scaling_fwd"]
             sx, sw = meta.scale[0].reshape(1, 1).float(), meta.scale[1].reshape(1, 1).float()
         elif self.recipe_name == "current":
-            sx, sw = fp8.scale_from_amax(fp8.amax_tensor(x)), fp8.scale_from_amax(fp8.amax_tensor(mod.weight))
+            sx, sw = fp8.scale_from_amax(fp8.amax_tensor(x)), fp8.scale_from_amax(fp8.amax_tensor(w))
         else:
             return
-        w = mod.weight.detach()
-        self.stats[key] = {"input": fp8.quant_stats(x, sx, fp8.quantize(x, sx)).to_dict(),
-                           "weight": fp8.quant_stats(w, sw, fp8.quantize(w, sw)).to_dict()}
+        self.record_stats(key, x, sx, w, sw)
