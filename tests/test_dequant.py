@@ -9,6 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from fp8parity import dequant
 from fp8parity.dequant import SUPPORTED_TYPES, dequantize
 from fp8parity.errors import WorkbookError
 
@@ -35,7 +36,7 @@ def assert_bit_identical(ours: torch.Tensor, ref: np.ndarray, what: str) -> None
 @pytest.mark.parametrize("qtype", [t for t in SUPPORTED_TYPES if t in F16_FIELDS])
 def test_random_blocks_bit_identical(qtype):
     rng = np.random.default_rng(1)
-    raw = random_blocks(qtype, 3000, rng)  # spans more than one internal chunk? no: chunks are 8192 blocks
+    raw = random_blocks(qtype, 3001, rng)  # odd count: the word-wise unpacking falls back to narrower words
     block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
     ref = gguf_dequantize(raw, GGMLQuantizationType[qtype])
     ours = dequantize(raw, qtype, raw.shape[0] * block)
@@ -43,15 +44,27 @@ def test_random_blocks_bit_identical(qtype):
     assert_bit_identical(ours, ref, qtype)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", [t for t in SUPPORTED_TYPES if t in F16_FIELDS])
 def test_many_chunks_and_reused_buffer(qtype):
     rng = np.random.default_rng(2)
-    raw = random_blocks(qtype, 20000, rng)  # more than 2 chunks of 8192 blocks
+    raw = random_blocks(qtype, 2 * dequant._CHUNK_BLOCKS + 3, rng)  # two whole chunks and an odd tail
     block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
     buf = torch.full((raw.shape[0] * block + 100,), float("nan"))
     ours = dequantize(raw, qtype, raw.shape[0] * block, out=buf)
     assert ours.data_ptr() == buf.data_ptr()
     assert_bit_identical(ours, gguf_dequantize(raw, GGMLQuantizationType[qtype]), qtype)
+    assert torch.isnan(buf[raw.shape[0] * block:]).all()  # nothing written past the tensor
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q6_K"])
+def test_unaligned_input(qtype):
+    """A slice that starts at an odd address (not how GGUF lays data out, but a caller's array may)."""
+    rng = np.random.default_rng(4)
+    raw = random_blocks(qtype, 101, rng)
+    shifted = np.empty(raw.size + 1, np.uint8)[1:]
+    shifted[:] = raw.reshape(-1)
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+    assert_bit_identical(dequantize(shifted, qtype, 101 * block), gguf_dequantize(raw, GGMLQuantizationType[qtype]), qtype)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "F32"])

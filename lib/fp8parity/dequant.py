@@ -28,27 +28,45 @@ SUPPORTED_TYPES = (
 )
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """(n, 2) uint8 -> (n, 1) float32 via fp16 (exact)."""
-    return b.contiguous().view(torch.float16).to(torch.float32)
+def _f16(b: torch.Tensor, word: int) -> torch.Tensor:
+    """The fp16 at 2-byte word `word` of each (n, size) block row -> (n, 1) float32 (exact)."""
+    return b.view(torch.float16)[:, word].to(torch.float32).unsqueeze(1)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, k) uint8 -> (n, 2k): low nibbles of all bytes first, then high nibbles (ggml order)."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=1)
+def _words(b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The bytes of contiguous block rows as the widest integer words they divide into, with a per-byte 0x0F mask.
+
+    Byte-wise masks and shifts on wide words act on every byte lane at once (no carries cross a lane once
+    masked): torch runs uint8 ops on the 16-byte strided slices of a block several times slower.
+    """
+    flat = b.reshape(-1)
+    for dtype, mask in ((torch.int64, 0x0F0F0F0F0F0F0F0F), (torch.int32, 0x0F0F0F0F), (torch.int16, 0x0F0F)):
+        size = torch.empty((), dtype=dtype).element_size()
+        if flat.numel() % size == 0 and flat.data_ptr() % size == 0:
+            return flat.view(dtype), mask
+    return flat, 0x0F
+
+
+def _nibble_planes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, size) uint8 rows -> (low, high): every byte's low and high nibble, each (n, size) int8."""
+    w, mask = _words(b)
+    low = (w & mask).view(torch.int8).view(b.shape)
+    high = (w >> 4).bitwise_and_(mask).view(torch.int8).view(b.shape)
+    return low, high
 
 
 def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
-    d = _f16(b[:, :2])
-    q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    torch.mul(d, q.to(torch.float32), out=out)
+    low, high = _nibble_planes(b)
+    q = torch.cat((low[:, 2:], high[:, 2:]), dim=1).sub_(8)
+    out.copy_(q)  # int8 -> fp32, exact
+    out.mul_(_f16(b, 0))
 
 
 def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 4:]).to(torch.float32)
-    torch.mul(d, q, out=out)
-    out.add_(m)
+    low, high = _nibble_planes(b)
+    out.copy_(torch.cat((low[:, 4:], high[:, 4:]), dim=1))
+    out.mul_(_f16(b, 0))
+    out.add_(_f16(b, 1))
 
 
 def _bits_lut(offset: int) -> torch.Tensor:
@@ -60,37 +78,36 @@ def _bits_lut(offset: int) -> torch.Tensor:
 _HIGH_BITS = {0: _bits_lut(0), -16: _bits_lut(-16)}
 
 
-def _q5_ints(qs: torch.Tensor, qh_bytes: torch.Tensor, offset: int) -> torch.Tensor:
-    """(n, 16) nibble bytes + (n, 4) high-bit bytes -> (n, 32) int8 of q + offset, in ggml's value order.
+def _q5_ints(b: torch.Tensor, qh_word: int, qs_byte: int, offset: int) -> torch.Tensor:
+    """Q5_0/Q5_1 rows -> (n, 32) int8 of q + offset, in ggml's value order.
 
-    One table lookup per high-bit byte yields 8 ready lanes (bit << 4, offset folded in); the nibbles are
-    written straight into the two halves: about half the passes of unpacking bit by bit.
+    The 4 high-bit bytes (at 2-byte word `qh_word`) each become 8 ready lanes (bit << 4, offset folded in)
+    by one table lookup; the nibbles (16 bytes from `qs_byte`) come from whole-row word operations.
     """
-    n = qs.shape[0]
-    q = torch.empty(n, 32, dtype=torch.uint8)
-    torch.bitwise_and(qs, 0x0F, out=q[:, :16])
-    torch.bitwise_right_shift(qs, 4, out=q[:, 16:])
-    high = torch.take(_HIGH_BITS[offset], qh_bytes.long()).view(torch.int8).view(n, 32)  # (n, 4) int64 -> int8
-    return q.view(torch.int8).add_(high)
+    n = b.shape[0]
+    qh = b.view(torch.int16)[:, qh_word:qh_word + 2].contiguous().view(torch.uint8).reshape(-1).long()
+    high = _HIGH_BITS[offset].index_select(0, qh).view(torch.int8).view(n, 32)
+    low_nib, high_nib = _nibble_planes(b)
+    q = torch.empty(n, 32, dtype=torch.int8)
+    torch.add(low_nib[:, qs_byte:], high[:, :16], out=q[:, :16])
+    torch.add(high_nib[:, qs_byte:], high[:, 16:], out=q[:, 16:])
+    return q
 
 
 def _q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
-    d = _f16(b[:, :2])
-    out.copy_(_q5_ints(b[:, 6:], b[:, 2:6], -16))  # int8 -> fp32, exact
-    out.mul_(d)
+    out.copy_(_q5_ints(b, 1, 6, -16))  # int8 -> fp32, exact
+    out.mul_(_f16(b, 0))
 
 
 def _q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    out.copy_(_q5_ints(b[:, 8:], b[:, 4:8], 0))
-    out.mul_(d)
-    out.add_(m)
+    out.copy_(_q5_ints(b, 2, 8, 0))
+    out.mul_(_f16(b, 0))
+    out.add_(_f16(b, 1))
 
 
 def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
-    d = _f16(b[:, :2])
     out.copy_(b[:, 2:].view(torch.int8))  # int8 -> fp32 without a temporary
-    out.mul_(d)
+    out.mul_(_f16(b, 0))
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,60 +119,64 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _k_affine(b: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
-    """out = (d*sc) * q - (dmin*m) per 32-value sub-block, as gguf-py orders it (q: uint8, 8 sub-blocks of 32)."""
+    """out = (d*sc) * q - (dmin*m) per 32-value sub-block, as gguf-py orders it (q: 8 sub-blocks of 32 bytes)."""
     n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    dl = (_f16(b, 0) * sc.to(torch.float32)).reshape(n, 8, 1)
+    ml = (_f16(b, 1) * mn.to(torch.float32)).reshape(n, 8, 1)
     o = out.view(n, 8, 32)
-    o.copy_(q.reshape(n, 8, 32))  # uint8 -> fp32, exact
+    o.copy_(q.view(torch.uint8).view(n, 8, 32))  # uint8 -> fp32, exact
     o.mul_(dl)
     o.sub_(ml)
 
 
+_LANES = 0x0F0F0F0F0F0F0F0F  # per-byte masks on int64 words (K-quant rows are whole words)
+
+
 def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    """Sub-block 2j holds the low nibbles of qs[32j:32j+32], sub-block 2j+1 their high nibbles."""
     n = b.shape[0]
-    qs = b[:, 16:].reshape(n, 4, 32)
-    q = torch.empty(n, 4, 2, 32, dtype=torch.uint8)  # sub-blocks 2j (low nibbles), 2j+1 (high nibbles)
-    torch.bitwise_and(qs, 0x0F, out=q[:, :, 0])
-    torch.bitwise_right_shift(qs, 4, out=q[:, :, 1])
+    qs = b.view(torch.int64)[:, 2:].view(n, 4, 1, 4)
+    q = torch.empty(n, 4, 2, 4, dtype=torch.int64)
+    torch.bitwise_and(qs, _LANES, out=q[:, :, :1])
+    torch.bitwise_right_shift(qs, 4, out=q[:, :, 1:])
+    q[:, :, 1:].bitwise_and_(_LANES)
     _k_affine(b, q, out)
 
 
+_SHIFTS_8 = torch.arange(8, dtype=torch.int64).view(1, 8, 1)
+_SHIFTS_CRUMBS = torch.tensor([0, 2, 4, 6], dtype=torch.int16).view(1, 1, 4, 1)
+
+
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    """As Q4_K, plus bit i of each qh byte as bit 4 of sub-block i."""
     n = b.shape[0]
-    qh = b[:, 16:48]
-    qs = b[:, 48:].reshape(n, 4, 32)
-    ql = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(n, 8, 32)
-    hi = ((qh.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1) << 4  # (n, 8, 32)
-    _k_affine(b, ql | hi, out)
-
-
-def _crumbs_lut() -> torch.Tensor:
-    """For each byte: its four 2-bit fields f0..f3 as (f << 4) - 32, packed as one int32 of 4 int8 lanes."""
-    fields = (torch.arange(256).unsqueeze(1) >> torch.tensor([0, 2, 4, 6])) & 3  # (256, 4)
-    return ((fields << 4) - 32).to(torch.int8).contiguous().view(torch.int32).reshape(256)
-
-
-_Q6_HIGH = _crumbs_lut()
+    w = b.view(torch.int64)
+    qh, qs = w[:, 2:6], w[:, 6:].view(n, 4, 1, 4)
+    q = ((qh.unsqueeze(1) >> _SHIFTS_8) & 0x0101010101010101).bitwise_left_shift_(4)  # (n, 8, 4) words
+    qv = q.view(n, 4, 2, 4)
+    qv[:, :, :1].bitwise_or_(qs & _LANES)
+    qv[:, :, 1:].bitwise_or_((qs >> 4).bitwise_and_(_LANES))
+    _k_affine(b, q, out)
 
 
 def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
-    """value = d*sc * (q - 32); q = low 4 bits from ql, high 2 bits from qh (ggml's interleaved layout)."""
+    """value = d*sc * (q - 32); q = low 4 bits from ql, high 2 bits from qh (ggml's interleaved layout).
+
+    Rows are 210 bytes, so the lane-wise work runs on int16 words: group s (of 32 values) in each half takes
+    crumb s of qh's 32 bytes and the low (s < 2) or high nibbles of ql bytes 32*(s % 2) ... +32.
+    """
     n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 64)
-    sc = b[:, 192:208].view(torch.int8).to(torch.float32)
-    d = _f16(b[:, 208:210])
-    q = torch.empty(n, 2, 2, 64, dtype=torch.uint8)  # (half, nibble, 64) == (half, group, 32)
-    torch.bitwise_and(ql, 0x0F, out=q[:, :, 0])
-    torch.bitwise_right_shift(ql, 4, out=q[:, :, 1])
-    # one lookup per qh byte gives the high bits of lane l in all four groups: (n, 2, 32, 4) -> (n, 2, 4, 32)
-    high = torch.take(_Q6_HIGH, b[:, 128:192].long()).view(torch.int8).view(n, 2, 32, 4).permute(0, 1, 3, 2)
-    qi = q.view(torch.int8).view(n, 2, 4, 32).add_(high)
-    dl = (d * sc).reshape(n, 16, 1)
+    w = b.view(torch.int16)
+    ql = w[:, :64].view(n, 2, 2, 16)
+    qh = w[:, 64:96].view(n, 2, 1, 16)
+    q = (qh >> _SHIFTS_CRUMBS).bitwise_and_(0x0303).bitwise_left_shift_(4)  # (n, half, s, 16 words)
+    q[:, :, :2].bitwise_or_(ql & 0x0F0F)
+    q[:, :, 2:].bitwise_or_((ql >> 4).bitwise_and_(0x0F0F))
+    dl = (_f16(b, 104) * b[:, 192:208].view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
     o = out.view(n, 16, 16)
-    o.copy_(qi.view(n, 16, 16))
+    o.copy_(q.view(torch.uint8).view(n, 16, 16))  # uint8 -> fp32, exact
+    o.sub_(32.0)  # exact: same values as gguf-py's int8 (q - 32)
     o.mul_(dl)
 
 
@@ -208,6 +229,8 @@ def dequantize(
     else:
         out = out.view(-1)[:n_elements]
     src = _as_bytes(raw)
+    if src.data_ptr() % 8:  # word-wise unpacking needs aligned rows; GGUF data is aligned, a caller's slice may not be
+        src = src.clone()
     if name == "F32":
         out.copy_(src.view(torch.float32))
         return out
