@@ -63,7 +63,7 @@ def main() -> None:
     for t in tensors:
         nbytes[t.tensor_type.name] += int(t.n_elements) * 4
     best = {s: defaultdict(lambda: 1e9) for s in SIDES}
-    first: dict[str, float] = {}  # pass 1: what one call over the model costs in a fresh process
+    first: dict[str, float] = {}  # each side's first pass: for ours, the buffer's first touch included
     for _ in range(args.repeats):
         for s in SIDES:
             took = one_pass(s, stock.tensors, tensors, buf)

@@ -19,7 +19,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from fp8parity.errors import WorkbookError
 
-QK_K = 256
 # Blocks per chunk: keeps intermediates of a chunk within a few MB of cache.
 _CHUNK_BLOCKS = 16384
 
@@ -41,8 +40,7 @@ def _words(b: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     flat = b.reshape(-1)
     for dtype, mask in ((torch.int64, 0x0F0F0F0F0F0F0F0F), (torch.int32, 0x0F0F0F0F), (torch.int16, 0x0F0F)):
-        size = torch.empty((), dtype=dtype).element_size()
-        if flat.numel() % size == 0 and flat.data_ptr() % size == 0:
+        if flat.numel() % dtype.itemsize == 0 and flat.data_ptr() % dtype.itemsize == 0:
             return flat.view(dtype), mask
     return flat, 0x0F
 
@@ -199,11 +197,6 @@ def qtype_name(qtype: GGMLQuantizationType | int | str) -> str:
     if isinstance(qtype, str):
         return qtype
     return GGMLQuantizationType(int(qtype)).name
-
-
-def n_bytes(qtype: str, n_elements: int) -> int:
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-    return n_elements // block * size
 
 
 def dequantize(

@@ -11,8 +11,6 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-QK_K = 256
-
 
 def _f16_bytes(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float16).view(np.uint8).reshape(-1, 2)

@@ -7,7 +7,6 @@ The reference is the CPU fp32 forward; the candidate is the same forward with th
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,6 @@ class Workbench:
     def __init__(self, params: Params):
         self.params = params
         self.fault: Fault = get_fault(params.fault)
-        t0 = time.perf_counter()
         self.gguf = GGUFModel(params.model)
         self.tok = GGUFTokenizer(self.gguf)
         self.run_dir = Path(params.run_dir)
@@ -63,7 +61,6 @@ class Workbench:
         self.candidate = Qwen2Model(self.gguf, backend=self.backend, options=cand_opts,
                                     weights=self.reference.weights)
         self._oracle: Qwen2Model | None = None
-        self.load_seconds = time.perf_counter() - t0
 
     @property
     def oracle(self) -> Qwen2Model:

@@ -54,7 +54,6 @@ def make_backend(name: str, recipe: str = "current", accumulate: str = "fp32", f
         if recipe == "rowwise":
             raise WorkbookError("te has no rowwise recipe; use current, delayed, delayed-calibrated or block.")
         backend = TEBackend(recipe)
-    backend.requested = name
     if name == "auto":
         print(f"backend auto chose {chosen}")
     return backend
