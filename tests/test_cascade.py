@@ -18,7 +18,7 @@ def bench(tiny_path, tmp_path, fault: str, backend: str = "reference") -> Workbe
 
 
 def cascade(wb: Workbench) -> dict[str, stages.Verdict]:
-    return {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, paths=("prefill",), save_traces=False)[0],
+    return {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, save_traces=False)[0],
             "C": stages.stage_c(wb)[0], "D": stages.stage_d(wb)[0],
             "E": stages.stage_e(wb, layers=[0, 1], synthetic_batches=(16,))[0],
             "F": stages.stage_f(wb, runs=2, max_new_tokens=6)[0]}
@@ -46,8 +46,8 @@ def test_model_path_faults_are_localized(tiny_path, tmp_path, clean, fault, stag
     alarms = new_alarms(v, clean)
     assert stage in alarms, (fault, alarms)
     if where is not None:
-        fd = v["B"].numbers["first_divergence"]
-        assert (fd["layer"], fd["stage"]) == where
+        fd = v["B"].numbers["first_beyond_floor"]
+        assert (fd["layer"], fd["op"]) == where
 
 
 def test_corrupted_reference_is_named_the_outlier(tiny_path, tmp_path):
@@ -59,10 +59,10 @@ def test_corrupted_reference_is_named_the_outlier(tiny_path, tmp_path):
 
 def test_stale_activation_cache_is_pinned_to_layer0_attn_out(tiny_path, tmp_path):
     wb = bench(tiny_path, tmp_path, "stale-activation-cache", backend="emulated-fp8")
-    v = stages.stage_b(wb, paths=("prefill",), save_traces=False)[0]
-    fd = v.numbers["first_divergence"]
-    assert (fd["layer"], fd["stage"]) == (0, "attn_out") and fd["min_cosine"] < 0.5
-    assert v.numbers["explanation"]["kind"] == "the op itself"
+    v = stages.stage_b(wb, save_traces=False)[0]
+    for path in ("prefill", "decode"):
+        fd = v.numbers["first_by_path"][path]
+        assert (fd["layer"], fd["op"]) == (0, "attn_out") and fd["cosine"] < 0.5, path
 
 
 def test_delayed_scaling_at_scale_one_fails_stage_e(tiny_path, tmp_path):

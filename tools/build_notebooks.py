@@ -20,9 +20,11 @@ RUN_DIR = "../runs/interactive"  # where verdicts, traces and figures go
 FAULT = "none"  # inject a catalogued fault into one side (see fp8parity.faults.CATALOGUE)
 PATHS = ["prefill", "decode"]  # stage B judges these paths (production engines run batched prefill)
 MAX_NEW_TOKENS = 48  # stage F generation length
-CAPSULE = ""  # notebook 08: a real-weight capsule to replay; empty: build one from MODEL'''
+CAPSULE = ""  # notebook 08: a real-weight capsule to replay; empty: build one from MODEL
+CANDIDATE_TRACE = ""  # notebook 02: judge this trace folder (.npy per tap, or ours) instead of running a candidate'''
 
-SETUP = '''from IPython.display import Markdown, display
+SETUP = '''import pandas as pd
+from IPython.display import Markdown, display
 
 from fp8parity import plots, stages
 from fp8parity.workbench import Params, Workbench
@@ -83,25 +85,56 @@ argmax agrees and cosine ≥ threshold, else 1.""",
 
 "02_stage_b_per_layer": notebook(
     "Stage B — per-layer, per-op parity",
-    """**Hypothesis.** The divergence starts at one op of one layer and propagates from there.
+    """**Hypothesis.** If the candidate is wrong, one op of one layer computes something other than what a correct
+implementation of the candidate's own recipe computes; everything after it only carries the damage along.
 
-**Falsifier.** Record every tap (embedding; per layer `attn_norm, q/k/v_proj, q/k_post_rope, attention, attn_out,
-post_attn_residual, ffn_norm, ffn_gate, ffn_up, ffn_swiglu, ffn_out, post_ffn_residual`; `final_norm`, `logits`)
-on both sides, at every position of every prompt, on **both** paths a real engine takes: batched prefill and
-serial token-by-token decode with a KV cache. Cosine is accumulated in float64. **Report:** the first (layer, op)
-in forward order whose minimum cosine over positions drops below the threshold. A tap present on one side only is
-**UNMEASURED** — listed, never scored as 0 (#3729). Both sides are also judged against an fp64 oracle, so a
-wrong *reference* is named as the outlier (#3032).""",
-    [code("verdict, table, reports = stages.stage_b(wb, paths=PATHS)\ntable.head(20)"),
-     md("1 − cosine per layer for each op (log scale): a fault shows as a step at its layer; FP8 noise as a "
-        "flat band well under the threshold line."),
-     code("for (prompt, path), t in table.groupby(['prompt', 'path']):\n"
-          "    fig = plots.cosine_per_layer(t, THRESHOLD, f'prompt {prompt}, {path} path')\n"
-          "    fig.savefig(wb.run_dir / f'stage_b_prompt{prompt}_{path}.png', dpi=110)"),
-     md("The judgment against fp64: which side is further from the truth?"),
-     code("import pandas as pd\npd.Series(verdict.numbers['oracle'])"),
-     md("One JSON per (layer, op) in the spec's schema lies under `stage_b/` of the run folder, so the first "
-        "divergent layer is greppable (`grep -l '\"cosine\": 0.9[0-8]' runs/*/stage_b/*/layer_*`)."),
+**Falsifier (the local check).** Record every tap on both sides, at every position of every prompt, on **both**
+paths a real engine takes (batched prefill and serial decode with a KV cache). Then recompute every op of the
+candidate — embedding, norms, q/k/v, RoPE, attention (on the candidate's own K/V), attn_out, residual adds, gate/up,
+SwiGLU, ffn_out, final_norm, lm_head — from the candidate's **own traced inputs**, through a **twin**: a faithful
+CPU implementation of the candidate's declared recipe (E4M3 at the same scaling granularity and batching, bf16
+rounding, or fp32). The local error (relative L2, candidate vs twin) of a correct op is rounding only; it is judged
+against the **noise floor** of its op class, measured between two correct implementations
+(`fp8parity.replay.FLOORS`, each with its source). **Pass rule:** no op, on any prompt or path, exceeds
+`FLOOR_FACTOR` × its floor. The first op in forward order that does is the verdict.
+
+**The global view stays:** cosine, relative L2 and norm ratio against the reference per (layer, op); both sides
+against fp64 (a wrong *reference* is named as the outlier, #3032); the spec's fixed 0.99 cosine rule on a line of
+its own; and the candidate's end-to-end drift beside its twin's. A tap present on one side only is **UNMEASURED**.""",
+    [md("The pass rule, as a cell you can change: the factor over each op class's measured noise floor."),
+     code("from fp8parity import replay\n\nFLOOR_FACTOR = replay.ALARM_FACTOR  # an op diverges beyond this "
+          "many times its class's floor\npd.DataFrame({k: {'floor (rel. L2)': f.rel_l2, 'source': f.source} "
+          "for k, f in replay.FLOORS.items()}).T"),
+     code("if CANDIDATE_TRACE:  # another engine's dump (or one of ours): judged without running a candidate\n"
+          "    verdict, local, fingerprint = stages.stage_b_from_trace(wb, CANDIDATE_TRACE, factor=FLOOR_FACTOR)\n"
+          "    table = None\nelse:\n"
+          "    verdict, table, local, reports = stages.stage_b(wb, paths=PATHS, factor=FLOOR_FACTOR)\n"
+          "    fingerprint = pd.DataFrame(verdict.numbers['fingerprint'])\n"
+          "local.sort_values('times_floor', ascending=False).head(10)"),
+     md("**Local error per layer** (left of the alarm line is rounding): each op's local error as a multiple of its "
+        "floor. A bug shows as one point far above the line at its layer; the ops after it stay low, because each is "
+        "replayed on the candidate's own — already damaged — inputs."),
+     code("for (prompt, path), t in local.groupby(['prompt', 'path']):\n"
+          "    fig = plots.local_error_per_layer(t, FLOOR_FACTOR, f'local error vs twin — prompt {prompt}, {path} path')\n"
+          "    fig.savefig(wb.run_dir / f'stage_b_local_prompt{prompt}_{path}.png', dpi=110)"),
+     md("**Drift against the reference** (the global view): relative L2 and norm ratio along the residual stream, and "
+        "1 − cosine per (layer, op) with the spec's 0.99 line. Correct FP8 drifts; drift alone names no culprit."),
+     code("if table is not None:\n    plots.drift_per_layer(table).savefig(wb.run_dir / 'stage_b_drift.png', dpi=110)\n"
+          "    for (prompt, path), t in table.groupby(['prompt', 'path']):\n"
+          "        fig = plots.cosine_per_layer(t, THRESHOLD, f'cosine vs reference — prompt {prompt}, {path} path')\n"
+          "        fig.savefig(wb.run_dir / f'stage_b_prompt{prompt}_{path}.png', dpi=110)"),
+     md("**Recipe fingerprint:** which twin explains the candidate's GEMMs best — the first question about an "
+        "unknown engine."),
+     code("display(Markdown(verdict.numbers['fingerprint_text']))\nfingerprint.drop(columns='spec', errors='ignore')"),
+     md("**What-if:** re-judge the same measurements with another factor, without recomputing anything."),
+     code("WHAT_IF_FACTOR = 2.0  # try another factor\nbeyond = local[local.times_floor > WHAT_IF_FACTOR]\n"
+          "print(f'{len(beyond)} (layer, op) entries beyond {WHAT_IF_FACTOR}x their floor')\n"
+          "beyond[['prompt', 'path', 'layer', 'op', 'position', 'rel_l2', 'times_floor', 'norm_ratio']].head(10)"),
+     md("The judgment against fp64 (which side is further from the truth?) and the end-to-end drift of candidate and "
+        "twin."),
+     code("pd.Series(verdict.numbers.get('oracle', {})), verdict.numbers.get('drift')"),
+     md("One JSON per prompt and path lies under `stage_b/` of the run folder: `parity.json` (the spec's schema, "
+        "cosine per (layer, op)) and `local.json` (local error, floor, multiple of the floor)."),
      code(VERDICT)]),
 
 "03_stage_c_embedding": notebook(

@@ -78,9 +78,24 @@ def _cmd_run_all(a: argparse.Namespace) -> int:
 
 
 def _cmd_faults(a: argparse.Namespace) -> int:
+    from fp8parity.detection import SWEEP_CANDIDATES
     from fp8parity.fault_bench import run_fault_bench
 
-    return run_fault_bench(model=a.model, backend=a.backend, runs_dir=a.runs_dir, only=a.only)
+    sweep = [c for c in (a.sweep or ",".join(SWEEP_CANDIDATES)).split(",") if c and a.sweep != "none"]
+    return run_fault_bench(model=a.model, backend=a.backend, runs_dir=a.runs_dir, only=a.only, sweep_candidates=sweep)
+
+
+def _cmd_judge_trace(a: argparse.Namespace) -> int:
+    from fp8parity import stages
+    from fp8parity.workbench import Params, Workbench
+
+    wb = Workbench(Params(model=a.model, backend="reference", run_dir=a.out or "runs/judge-trace"))
+    verdict, local, fp = stages.stage_b_from_trace(wb, a.trace)
+    print(verdict.numbers["fingerprint_text"].replace("**", ""))
+    print(fp.drop(columns="spec").to_string(index=False))
+    print(f"stage B {verdict.status.upper()}: {verdict.summary}")
+    stages.save_verdict(wb, verdict)
+    return 0 if verdict.status == stages.PASS else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--capsule", default="", help="notebook 08: a capsule file to replay (default: build one)")
         else:
             s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
+            s.add_argument("--sweep", default="", help="detection-limit sweep candidates, backend[:recipe],... "
+                           "(default: reference and emulated-fp8 with each recipe; 'none' skips the sweep)")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("judge-trace", help="stage B's local check of a trace folder (ours or another engine's .npy)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--trace", required=True, help="a folder of tensors.safetensors or p<pos>.L<layer>.<op>.npy files")
+    s.add_argument("--out", default="", help="where the verdict goes (default runs/judge-trace)")
+    s.set_defaults(fn=_cmd_judge_trace)
     return p
 
 

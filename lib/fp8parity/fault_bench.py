@@ -32,7 +32,7 @@ def _earlier(fd: dict | None, base_fd: dict | None) -> bool:
 
     if fd is None:
         return False
-    return base_fd is None or forward_order(fd["stage"], fd["layer"]) < forward_order(base_fd["stage"], base_fd["layer"])
+    return base_fd is None or forward_order(fd["op"], fd["layer"]) < forward_order(base_fd["op"], base_fd["layer"])
 
 
 def new_alarms(verdicts: dict[str, stages.Verdict], baseline: dict[str, stages.Verdict] | None) -> list[str]:
@@ -46,16 +46,25 @@ def new_alarms(verdicts: dict[str, stages.Verdict], baseline: dict[str, stages.V
         v, b = verdicts[s], (baseline or {}).get(s)
         if _alarm(v) and (b is None or not _alarm(b)):
             out.append(s)
-        elif s == "B" and _alarm(v) and _earlier(v.numbers["first_divergence"], b.numbers["first_divergence"]):
+        elif s == "B" and _alarm(v) and _earlier(v.numbers["first_beyond_floor"], b.numbers["first_beyond_floor"]):
             out.append(s)
     return out
+
+
+def on_expected_paths(fault: Fault, vb: stages.Verdict) -> bool:
+    """Stage B's first op beyond its floor is the fault's (layer, op) on each expected path, and no other path alarms."""
+    firsts = vb.numbers["first_by_path"]
+    want = (fault.expected_layer, fault.expected_op)
+    expected = set(firsts) if fault.expected_path == "both" else {fault.expected_path}
+    return all((firsts.get(p) or {}).get("layer") == want[0] and (firsts.get(p) or {}).get("op") == want[1]
+               for p in expected) and all(firsts[p] is None for p in set(firsts) - expected)
 
 
 def run_stages(model: str, backend: str, recipe: str, fault: Fault, run_dir: Path, prompt: str,
                threshold: float) -> dict[str, stages.Verdict]:
     wb = Workbench(Params(model=model, backend=backend, recipe=recipe, prompts=[prompt], threshold=threshold,
                           run_dir=str(run_dir / f"{fault.name}-{backend}"), fault=fault.name))
-    verdicts = {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, paths=("prefill",), save_traces=False)[0],
+    verdicts = {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, save_traces=False)[0],
                 "C": stages.stage_c(wb)[0], "D": stages.stage_d(wb)[0],
                 "E": stages.stage_e(wb, synthetic_batches=())[0], "F": stages.stage_f(wb, runs=2, max_new_tokens=32)[0]}
     for v in verdicts.values():
@@ -66,27 +75,28 @@ def run_stages(model: str, backend: str, recipe: str, fault: Fault, run_dir: Pat
 def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
               baseline: dict[str, stages.Verdict] | None, seconds: float) -> dict:
     va, vb = verdicts["A"], verdicts["B"]
-    fd = vb.numbers["first_divergence"]
+    fd = vb.numbers["first_beyond_floor"]
     alarms = new_alarms(verdicts, None if fault.name == "none" else baseline)
-    found_where = "" if fd is None else f"L{fd['layer']} {fd['stage']} ({fd['min_cosine']:.4f} @ pos {fd['min_position']})"
+    found_where = "" if fd is None else f"L{fd['layer']} {fd['op']} {fd['path']} ({fd['times_floor']:.3g}× floor)"
     if vb.numbers["reference_is_outlier"]:
         found_where = "reference is the outlier vs fp64: " + (vb.numbers["oracle"]["reference_first_divergence_text"] or "")
     # localized: the expected stage alarms (or, for an honest drift, nothing new does) and stage B points at the
-    # expected (layer, op) when the fault has one; a corrupted reference must be named as the outlier
+    # expected (layer, op) on exactly the expected path(s) when the fault has one; a corrupted reference must be
+    # named as the outlier
     if fault.expected_stage == "none":
         localized = not alarms
     else:
         localized = fault.expected_stage in alarms
         if fault.side == "reference":
             localized = localized and bool(vb.numbers["reference_is_outlier"])
-        elif fault.expected_op is not None and "B" in alarms:  # where B fires, it must point at the op
-            localized = localized and fd is not None and (fd["layer"], fd["stage"]) == (fault.expected_layer,
-                                                                                       fault.expected_op)
+        elif fault.expected_op is not None and "B" in alarms:  # where B fires, it must point at the op and path
+            localized = localized and on_expected_paths(fault, vb)
     fit = va.numbers["affine"]
     return {
         "fault": fault.name, "candidate": backend, "bug_class": fault.bug_class, "reference": fault.reference,
         "expected_stage": fault.expected_stage,
-        "expected_where": "" if fault.expected_op is None else f"L{fault.expected_layer} {fault.expected_op}",
+        "expected_where": "" if fault.expected_op is None else
+        f"L{fault.expected_layer} {fault.expected_op} {fault.expected_path}",
         "new_alarms": ",".join(alarms) or "none", "stage_b_first_divergence": found_where,
         "localized": bool(localized),
         **{f"verdict_{s}": verdicts[s].status for s in STAGE_ORDER},
@@ -96,7 +106,8 @@ def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
 
 
 def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "runs", only: str = "",
-                    recipe: str = "current", prompt: str = "What is 2+2?", threshold: float = 0.99) -> int:
+                    recipe: str = "current", prompt: str = "What is 2+2?", threshold: float = 0.99,
+                    sweep_candidates: list[str] | None = None) -> int:
     from fp8parity.backends.factory import auto_choice
 
     chosen = auto_choice() if backend == "auto" else backend
@@ -153,7 +164,27 @@ def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "
     missed = ran[~ran.localized.astype(bool)]
     if len(missed):
         print(f"not localized: {', '.join(missed.fault + ' on ' + missed.candidate)}", file=sys.stderr)
+    if sweep_candidates:
+        run_sweep(model, sweep_candidates, run_dir)
     return 0
+
+
+def run_sweep(model: str, candidates: list[str], run_dir: Path) -> pd.DataFrame:
+    """The detection-limit sweep: table, per-trial CSV, clean runs and figure into run_dir."""
+    from fp8parity.detection import detection_limits, sweep
+    from fp8parity.plots import detection_curves
+
+    trials, cleans = sweep(model, candidates)
+    trials.to_csv(run_dir / "sweep_trials.csv", index=False)
+    cleans.to_csv(run_dir / "sweep_clean_runs.csv", index=False)
+    limits = detection_limits(trials)
+    text = limits.to_markdown(index=False, floatfmt=".3g")
+    (run_dir / "detection_limits.md").write_text(text + "\n\nclean runs:\n\n" + cleans.to_markdown(index=False) + "\n")
+    detection_curves(trials).savefig(run_dir / "detection_limits.png", dpi=110)
+    print(text)
+    print(cleans.to_markdown(index=False))
+    print(f"detection limits: {run_dir / 'detection_limits.md'}")
+    return limits
 
 
 def latest_localization(runs_dir: str | Path) -> tuple[Path, pd.DataFrame] | None:

@@ -22,6 +22,7 @@ class Fault:
     expected_stage: str  # "A".."F", or "none" for an honest drift that must not raise an alarm
     expected_layer: int | None = None  # stage B's first divergent layer (-1: embedding / final), if any
     expected_op: str | None = None  # stage B's first divergent op, if any
+    expected_path: str = "both"  # the path(s) stage B must find it on: prefill, decode or both (and only there)
     side: str = "candidate"  # which side is corrupted
     options: dict = field(default_factory=dict)  # ForwardOptions fields on that side
     backend_options: dict = field(default_factory=dict)  # emulated-fp8 options on the candidate backend
@@ -61,6 +62,25 @@ CATALOGUE: tuple[Fault, ...] = (
           expected_layer=0, expected_op="q_post_rope", options={"rope_theta": 1e4}),
     Fault("reference-q8k-activations", "the reference quantizes activations like Q8_K (one scale per 256)",
           "#3032 / #2971", expected_stage="B", side="reference", options={"activation_quant": "q8_k"}),
+    # classes a cosine threshold misses: small, scale-only, path-bound or position-bound (issue #11)
+    Fault("gemm-scale-0.96", "one GEMM's output multiplied by 0.96 (a wrong dequantization scale)", "affine 0.96·CPU",
+          expected_stage="B", expected_layer=1, expected_op="ffn_up", options={"perturb": ((1, "ffn_up", "scale", -0.04,
+                                                                                                   "both"),)}),
+    Fault("decode-offset-3pct", "an additive offset of 3% of the output's RMS on one GEMM, decode only",
+          "affine +0.12 / #1876", expected_stage="B", expected_layer=2, expected_op="v_proj", expected_path="decode",
+          options={"perturb": ((2, "v_proj", "offset", 0.03, "decode"),)}),
+    Fault("head-permutation", "two heads of q_proj swapped (a column/head layout bug)", "#1651 class",
+          expected_stage="B", expected_layer=1, expected_op="q_proj", options={"perturb": ((1, "q_proj", "permute",
+                                                                                                   0.0, "both"),)}),
+    Fault("kv-cache-shift-decode", "decode attention reads the K/V cache shifted by one position", "#3729 / #1876",
+          expected_stage="B", expected_layer=0, expected_op="attention", expected_path="decode",
+          options={"kv_shift_decode": True}),
+    Fault("attention-scale-1/d", "softmax scale 1/head_dim instead of 1/sqrt(head_dim)", "spec stage B",
+          expected_stage="B", expected_layer=0, expected_op="attention", options={"attn_scale_power": 1.0}),
+    Fault("rope-wrong-past-16", "RoPE theta 1e4 only from position 16 on (a wrong long-context table)", "spec stage B",
+          expected_stage="B", expected_layer=0, expected_op="q_post_rope", options={"rope_wrong_from": 16}),
+    Fault("softmax-fp16", "attention scores and softmax in fp16", "FP8-NOTES class", expected_stage="B",
+          expected_layer=0, expected_op="attention", options={"softmax_fp16": True}),
     Fault("bias-bf16", "Q/K/V bias rounded to bf16 (TE does this): a small honest drift", "FP8-NOTES",
           expected_stage="none", backend_options={"bias_dtype": "bf16"}, backends=("emulated-fp8",), fp8=True),
 )

@@ -40,6 +40,13 @@ def rel_l2(candidate, reference) -> float:
     return float((a - b).norm()) / nb if nb else (0.0 if float(a.norm()) == 0 else math.inf)
 
 
+def norm_ratio(candidate, reference) -> float:
+    """|candidate| / |reference|: the one number that sees a pure scale error, which cosine cannot."""
+    a, b = _f64(candidate), _f64(reference)
+    nb = float(b.norm())
+    return float(a.norm()) / nb if nb else (1.0 if float(a.norm()) == 0 else math.inf)
+
+
 def sqnr_db(candidate, reference) -> float:
     """Signal-to-quantization-noise ratio: 10 log10(|ref|^2 / |cand - ref|^2); inf when identical."""
     a, b = _f64(candidate), _f64(reference)
@@ -114,6 +121,7 @@ def row_metrics(candidate, reference) -> dict:
         "cosine": cosine(candidate, reference),
         "max_abs": max_abs_diff(candidate, reference),
         "rel_l2": rel_l2(candidate, reference),
+        "norm_ratio": norm_ratio(candidate, reference),
         "sqnr_db": sqnr_db(candidate, reference),
         "ulp_max": int(ulp.max()) if ulp.size else 0,
         "ulp_median": float(np.median(ulp)) if ulp.size else 0.0,

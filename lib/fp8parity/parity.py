@@ -41,12 +41,14 @@ def per_stage(rows: pd.DataFrame) -> pd.DataFrame:
         m = g[g.status == MEASURED]
         if m.empty:
             out.append({"layer": layer, "stage": stage, "status": UNMEASURED, "min_cosine": math.nan,
-                        "min_position": None, "max_abs": math.nan, "positions": 0})
+                        "min_position": None, "max_abs": math.nan, "max_rel_l2": math.nan, "norm_ratio": math.nan,
+                        "positions": 0})
             continue
         cos = m.cosine.fillna(-math.inf)
         worst = m.loc[cos.idxmin()]
         out.append({"layer": layer, "stage": stage, "status": MEASURED, "min_cosine": float(worst.cosine),
-                    "min_position": int(worst.position), "max_abs": float(m.max_abs.max()), "positions": len(m)})
+                    "min_position": int(worst.position), "max_abs": float(m.max_abs.max()),
+                    "max_rel_l2": float(m.rel_l2.max()), "norm_ratio": float(worst.norm_ratio), "positions": len(m)})
     df = pd.DataFrame(out)
     df["order"] = [forward_order(s, L) for L, s in zip(df.layer, df.stage, strict=True)]
     return df.sort_values("order").drop(columns="order").reset_index(drop=True)

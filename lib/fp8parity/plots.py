@@ -118,3 +118,72 @@ def affine_signatures(df: pd.DataFrame) -> plt.Figure:
     fig.suptitle("logits affine signature per fault (colour: Pearson r)")
     fig.tight_layout()
     return fig
+
+
+def local_error_per_layer(local: pd.DataFrame, factor: float, title: str = "") -> plt.Figure:
+    """Stage B's local check: each op's local error as a multiple of its noise floor, per layer (log axis), with the
+    alarm line; beside it the candidate's relative error to the reference per layer (the drift it accumulates)."""
+    fig, ax = plt.subplots(figsize=(12, 5))
+    m = local[local.status == "measured"]
+    layered = m[m.layer >= 0]
+    cmap = plt.get_cmap("tab20")
+    for i, op in enumerate(LAYER_STAGES):
+        g = layered[layered.op == op].groupby("layer").times_floor.max()
+        if len(g):
+            ax.plot(g.index, np.clip(g.values, 1e-4, None), marker="o", ms=3, lw=1.2, color=cmap(i), label=op)
+    for op, style in (("embedding", "v"), ("final_norm", "s"), ("logits", "*")):
+        g = m[m.op == op].times_floor
+        if len(g):
+            x = -0.5 if op == "embedding" else layered.layer.max() + 0.5
+            ax.scatter([x], [max(g.max(), 1e-4)], marker=style, s=60, color="k", zorder=5, label=op)
+    ax.axhline(factor, ls="--", color="red", lw=1, label=f"alarm: {factor:g}× floor")
+    ax.axhline(1, ls=":", color="gray", lw=1, label="noise floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("local error / noise floor (worst position)")
+    ax.set_title(title or "local error of every op against the twin, on the candidate's own inputs")
+    ax.legend(ncol=1, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def drift_per_layer(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """The global view: per layer, the candidate's relative L2 error and norm ratio against the reference at the
+    residual stream (post_ffn_residual), one line per (prompt, path)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    for (prompt, path), t in table[table.stage == "post_ffn_residual"].groupby(["prompt", "path"]):
+        t = t.sort_values("layer")
+        a.plot(t.layer, np.clip(t.max_rel_l2, 1e-12, None), marker="o", ms=3, label=f"prompt {prompt} {path}")
+        b.plot(t.layer, t.norm_ratio, marker="o", ms=3, label=f"prompt {prompt} {path}")
+    a.set_yscale("log")
+    a.set_ylabel("rel. L2 error vs reference (max over positions)")
+    b.axhline(1, color="gray", ls=":", lw=1)
+    b.set_ylabel("‖candidate‖ / ‖reference‖ (worst-cosine position)")
+    for ax in (a, b):
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "drift along the residual stream: candidate vs reference")
+    fig.tight_layout()
+    return fig
+
+
+def detection_curves(trials: pd.DataFrame) -> plt.Figure:
+    """Fraction of planted faults localized to their exact (layer, op, path) against fault size, per candidate."""
+    classes = list(dict.fromkeys(trials["class"]))
+    fig, axes = plt.subplots(1, len(classes), figsize=(6 * len(classes), 4), squeeze=False)
+    for ax, cls in zip(axes[0], classes, strict=True):
+        t = trials[trials["class"] == cls]
+        for cand, g in t.groupby("candidate", sort=False):
+            f = g.groupby("magnitude").localized.mean()
+            ax.plot(f.index * 100, f.values, marker="o", label=cand)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{cls} error (% of the op's output)")
+        ax.set_ylabel("fraction localized (layer, op, path)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{cls} error at one GEMM ({t.path.iloc[0]} path)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

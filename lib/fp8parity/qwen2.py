@@ -29,6 +29,15 @@ class ForwardOptions:
     embedding_row_offset: int = 0  # read row id+offset (an off-by-one lookup)
     transposed_weights: tuple[str, ...] = ()  # GGUF tensor names read transposed (a GEMV layout bug)
     activation_quant: str | None = None  # "q8_k": round linear inputs like llama.cpp's Q8_K (256-blocks)
+    # (layer, op, kind, magnitude, path): an op's output perturbed where it is computed. kind "scale" multiplies
+    # by (1 + magnitude); "offset" adds magnitude * rms(output) to every element (rel. L2 error = magnitude);
+    # "permute" swaps the output's first two head_dim blocks (a head/column permutation). path: prefill,
+    # decode or both.
+    perturb: tuple[tuple[int, str, str, float, str], ...] = ()
+    kv_shift_decode: bool = False  # decode attention reads the K/V cache shifted by one position
+    attn_scale_power: float | None = None  # softmax scale head_dim**-power instead of 1/sqrt(head_dim) (1: the 1/d bug)
+    rope_wrong_from: int | None = None  # positions >= this use RoPE theta 1e4 (wrong only past position N)
+    softmax_fp16: bool = False  # attention scores and softmax in fp16
 
 
 def available_memory() -> int:
@@ -103,6 +112,36 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
     q = torch.clamp(torch.round(blocks * iscale), -128, 127)
     d = torch.where(mx == 0, torch.zeros_like(mx), 1.0 / iscale)
     return (q * d).reshape(t, n)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
+              softmax_fp16: bool = False) -> torch.Tensor:
+    """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd)."""
+    H, T, hd = q.shape
+    rep = H // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
+    scores = q @ k.transpose(1, 2)  # (H, T, S)
+    scores = scores / math.sqrt(hd) if scale is None else scores * scale
+    S = k.shape[1]
+    mask = torch.arange(S, device=q.device)[None, :] > (start + torch.arange(T, device=q.device))[:, None]
+    scores = scores.masked_fill(mask, float("-inf"))
+    if softmax_fp16:
+        return torch.softmax(scores.half(), dim=-1).to(v.dtype) @ v
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def perturb_output(x: torch.Tensor, kind: str, magnitude: float, head_dim: int) -> torch.Tensor:
+    """A planted fault on one op's output (see ForwardOptions.perturb)."""
+    if kind == "scale":
+        return x * (1 + magnitude)
+    if kind == "offset":
+        return x + magnitude * x.pow(2).mean().sqrt()
+    if kind == "permute":
+        flat = x.reshape(x.shape[0], -1).clone()
+        a, b = flat[:, :head_dim].clone(), flat[:, head_dim:2 * head_dim].clone()
+        flat[:, :head_dim], flat[:, head_dim:2 * head_dim] = b, a
+        return flat.reshape(x.shape)
+    raise WorkbookError(f"unknown perturbation {kind!r}; use scale, offset or permute.")
 
 
 @dataclass
@@ -198,78 +237,72 @@ class Qwen2Model:
     # --- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, ids: list[int], cache: KVCache | None = None, recorder: Recorder | None = None,
-                logits_for: str = "all") -> torch.Tensor:
-        """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab)."""
-        cfg, rec = self.cfg, recorder
+                logits_for: str = "all", path: str = "prefill") -> torch.Tensor:
+        """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab).
+
+        `path` names the engine path this call belongs to (prefill, or a decode step): faults may be tied to one."""
+        cfg, rec, opts = self.cfg, recorder, self.options
         if cache is None:
             cache = KVCache()
         if not cache.k:
             cache.k, cache.v = [None] * cfg.n_layers, [None] * cfg.n_layers
         start = cache.length
-        if start == 0 and hasattr(self.backend, "reset"):
-            self.backend.reset()  # per-run backend state (e.g. the stale-cache fault) starts fresh
+        if hasattr(self.backend, "reset"):
+            self.backend.reset()  # per-forward backend state (the stale-cache fault's cache lives for one forward)
         positions = list(range(start, start + len(ids)))
         T, H, KV, hd = len(ids), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-        def tap(stage: str, layer: int, x: torch.Tensor) -> None:
-            if rec is not None:
-                rec.record(stage, layer, x, positions)
+        perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
 
-        x = self.embed(ids)  # (T, hidden)
-        tap(EMBEDDING, GLOBAL_LAYER, x)
+        def tap(op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+            """The op's output as the rest of the forward sees it: a planted fault applied, then recorded."""
+            if perturb:
+                x = perturb_output(x, *perturb[(layer, op)], hd) if (layer, op) in perturb else x
+            if rec is not None:
+                rec.record(op, layer, x, positions)
+            return x
+
+        x = tap(EMBEDDING, GLOBAL_LAYER, self.embed(ids))  # (T, hidden)
         cos, sin = rope_tables(torch.tensor(positions, device=self.device), hd, self.rope_theta, self.dtype, self.device)
+        if opts.rope_wrong_from is not None:
+            bad = torch.tensor(positions, device=self.device) >= opts.rope_wrong_from
+            cos_b, sin_b = rope_tables(torch.tensor(positions, device=self.device), hd, 1e4, self.dtype, self.device)
+            cos, sin = torch.where(bad[:, None], cos_b, cos), torch.where(bad[:, None], sin_b, sin)
         for L in range(cfg.n_layers):
             p = f"blk.{L}."
-            h = rms_norm(x, self.small(p + "attn_norm.weight"), self.rms_eps)
-            tap("attn_norm", L, h)
-            q = self._linear(h, p + "attn_q.weight", p + "attn_q.bias", f"{L}.q_proj")  # (T, H*hd)
-            k = self._linear(h, p + "attn_k.weight", p + "attn_k.bias", f"{L}.k_proj")  # (T, KV*hd)
-            v = self._linear(h, p + "attn_v.weight", p + "attn_v.bias", f"{L}.v_proj")
-            tap("q_proj", L, q), tap("k_proj", L, k), tap("v_proj", L, v)
-            q = apply_rope(q.view(T, H, hd), cos, sin)
-            k = apply_rope(k.view(T, KV, hd), cos, sin)
-            tap("q_post_rope", L, q), tap("k_post_rope", L, k)
-            kt, vt = k.transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)  # (KV, T, hd)
+            h = tap("attn_norm", L, rms_norm(x, self.small(p + "attn_norm.weight"), self.rms_eps))
+            q = tap("q_proj", L, self._linear(h, p + "attn_q.weight", p + "attn_q.bias", f"{L}.q_proj"))  # (T, H*hd)
+            k = tap("k_proj", L, self._linear(h, p + "attn_k.weight", p + "attn_k.bias", f"{L}.k_proj"))  # (T, KV*hd)
+            v = tap("v_proj", L, self._linear(h, p + "attn_v.weight", p + "attn_v.bias", f"{L}.v_proj"))
+            q = tap("q_post_rope", L, apply_rope(q.view(T, H, hd), cos, sin))
+            k = tap("k_post_rope", L, apply_rope(k.view(T, KV, hd), cos, sin))
+            kt, vt = k.view(T, KV, hd).transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)  # (KV, T, hd)
             if cache.k[L] is not None:
                 kt, vt = torch.cat((cache.k[L], kt), 1), torch.cat((cache.v[L], vt), 1)
             cache.k[L], cache.v[L] = kt, vt
-            attn = self._attention(q.transpose(0, 1), kt, vt, start)  # (H, T, hd)
-            attn = attn.transpose(0, 1).reshape(T, H * hd)
-            tap("attention", L, attn)
-            o = self._linear(attn, p + "attn_output.weight", None, f"{L}.attn_out")
-            tap("attn_out", L, o)
-            x = x + o
-            tap("post_attn_residual", L, x)
-            h = rms_norm(x, self.small(p + "ffn_norm.weight"), self.rms_eps)
-            tap("ffn_norm", L, h)
-            g = self._linear(h, p + "ffn_gate.weight", None, f"{L}.ffn_gate")
-            u = self._linear(h, p + "ffn_up.weight", None, f"{L}.ffn_up")
-            tap("ffn_gate", L, g), tap("ffn_up", L, u)
-            s = torch.nn.functional.silu(g) * u
-            tap("ffn_swiglu", L, s)
-            d = self._linear(s, p + "ffn_down.weight", None, f"{L}.ffn_out")
-            tap("ffn_out", L, d)
-            x = x + d
-            tap("post_ffn_residual", L, x)
+            if opts.kv_shift_decode and path == "decode" and kt.shape[1] > 1:  # slot j reads position j-1
+                kt, vt = torch.cat((kt[:, :1], kt[:, :-1]), 1), torch.cat((vt[:, :1], vt[:, :-1]), 1)
+            attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start)  # (H, T, hd)
+            attn = tap("attention", L, attn.transpose(0, 1).reshape(T, H * hd))
+            o = tap("attn_out", L, self._linear(attn, p + "attn_output.weight", None, f"{L}.attn_out"))
+            x = tap("post_attn_residual", L, x + o)
+            h = tap("ffn_norm", L, rms_norm(x, self.small(p + "ffn_norm.weight"), self.rms_eps))
+            g = tap("ffn_gate", L, self._linear(h, p + "ffn_gate.weight", None, f"{L}.ffn_gate"))
+            u = tap("ffn_up", L, self._linear(h, p + "ffn_up.weight", None, f"{L}.ffn_up"))
+            s = tap("ffn_swiglu", L, torch.nn.functional.silu(g) * u)
+            d = tap("ffn_out", L, self._linear(s, p + "ffn_down.weight", None, f"{L}.ffn_out"))
+            x = tap("post_ffn_residual", L, x + d)
         if logits_for == "last":
             x, positions = x[-1:], positions[-1:]
-        h = rms_norm(x, self.small("output_norm.weight"), self.rms_eps)
-        tap(FINAL_NORM, GLOBAL_LAYER, h)
+        h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small("output_norm.weight"), self.rms_eps))
         head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
-        logits = self.backend.linear(h, self._w(head), None, "lm_head")
-        tap(LOGITS, GLOBAL_LAYER, logits)
-        return logits
+        return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, self._w(head), None, "lm_head"))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q: (H, T, hd); k, v: (KV, S, hd) with S = start + T. Grouped-query, causal."""
-        H, T, hd = q.shape
-        rep = H // k.shape[0]
-        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)  # (H, T, S)
-        S = k.shape[1]
-        mask = torch.arange(S, device=q.device)[None, :] > (start + torch.arange(T, device=q.device))[:, None]
-        scores = scores.masked_fill(mask, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v
+        power = self.options.attn_scale_power
+        scale = None if power is None else q.shape[-1] ** -power
+        return attention(q, k, v, start, scale, self.options.softmax_fp16)
 
     # --- the two paths ------------------------------------------------------------------------------
     def prefill(self, ids: list[int], recorder: Recorder | None = None, logits_for: str = "all",
@@ -279,7 +312,7 @@ class Qwen2Model:
     def decode_serial(self, ids: list[int], recorder: Recorder | None = None) -> torch.Tensor:
         """Token by token against a KV cache; logits (T, vocab) stacked from each step."""
         cache = KVCache()
-        return torch.cat([self.forward([i], cache=cache, recorder=recorder) for i in ids], dim=0)
+        return torch.cat([self.forward([i], cache=cache, recorder=recorder, path="decode") for i in ids], dim=0)
 
     def run(self, ids: list[int], path: str = "prefill", recorder: Recorder | None = None) -> torch.Tensor:
         if path == "prefill":
@@ -305,6 +338,6 @@ class Qwen2Model:
                 break
             if len(out) == max_new_tokens:
                 break
-            logits = self.forward([nxt], cache=cache)
+            logits = self.forward([nxt], cache=cache, path="decode")
         text = tokenizer.decode(out) if tokenizer is not None else ""
         return GenerationResult(list(prompt_ids), out, text, reason)

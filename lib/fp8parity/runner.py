@@ -19,7 +19,7 @@ from fp8parity.errors import WorkbookError
 from fp8parity.models import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-DEFAULT_PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string."]
+from fp8parity.config import DEFAULT_PROMPTS  # noqa: E402  (re-exported for callers)
 
 
 def list_notebooks(select: str = "") -> list[Path]:

@@ -32,6 +32,10 @@ class LinearBackend:
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device)}
 
+    def used_input_scales(self) -> dict[str, float]:
+        """Input scales fixed by calibration, per GEMM key (delayed-calibrated recipes); none elsewhere."""
+        return {}
+
 
 class ReferenceBackend(LinearBackend):
     """x @ w.T + b in the activations' dtype (fp32 or fp64) on the CPU: the trusted side."""

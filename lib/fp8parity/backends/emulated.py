@@ -34,7 +34,8 @@ class EmulatedFP8Backend(LinearBackend):
     name = "emulated-fp8"
 
     def __init__(self, granularity: str = "tensor", accumulate: str = "fp32", output_dtype: str = "fp32",
-                 bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = True):
+                 bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = True,
+                 input_scales: dict[str, float] | None = None):
         super().__init__()
         self.collect_stats = collect_stats
         if granularity not in GRANULARITIES:
@@ -47,6 +48,7 @@ class EmulatedFP8Backend(LinearBackend):
         self.calibrating = False
         self.fast_bits, self.fast_truncate, self.fast_chunk = FAST_ACCUM_BITS, FAST_ACCUM_TRUNCATE, FAST_ACCUM_CHUNK
         self._amax_history: dict[str, torch.Tensor] = {}  # input amax per GEMM
+        self.input_scales = dict(input_scales or {})  # delayed-calibrated: scales a candidate used, replayed as given
         self._act_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Weights are constant: quantize each GEMM's weight once (values kept as exact fp32, stats kept).
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
@@ -65,6 +67,8 @@ class EmulatedFP8Backend(LinearBackend):
         if g == "delayed":
             return torch.ones(1, 1)
         if g == "delayed-calibrated":
+            if key in self.input_scales:
+                return torch.tensor([[self.input_scales[key]]], dtype=torch.float32)
             seen = self._amax_history.get(key)
             if self.calibrating or seen is None:
                 amax = fp8.amax_tensor(x) if seen is None else torch.maximum(fp8.amax_tensor(x), seen)
@@ -93,7 +97,7 @@ class EmulatedFP8Backend(LinearBackend):
             w32 = w.to(torch.float32)
             swe = self._weight_scale(w32)
             wq = fp8.quantize(w32, swe)
-            wstats = fp8.quant_stats(w32, swe, wq).to_dict()  # once per weight: cheap
+            wstats = fp8.quant_stats(w32, swe, wq).to_dict() if self.collect_stats else {}  # once per weight
             self._weights[key] = (wq.to(torch.float32), swe, wstats)
         wq, swe, wstats = self._weights[key]
         sx = self._input_scale(x32, key)
@@ -150,6 +154,12 @@ class EmulatedFP8Backend(LinearBackend):
         if self.output_dtype == "fp16":
             y = y.to(torch.float16)  # #3728: values above 65504 become inf
         return y.to(x.dtype)
+
+    def used_input_scales(self) -> dict[str, float]:
+        """delayed-calibrated: the input scale each GEMM uses (what a trace records for its twin)."""
+        if self.granularity != "delayed-calibrated":
+            return {}
+        return {k: float(fp8.scale_from_amax(v)) for k, v in self._amax_history.items()} | self.input_scales
 
     def reset(self) -> None:
         """Forget per-run state (the activation cache lives for one forward, like the bug's did)."""

@@ -204,6 +204,12 @@ class TEBackend(LinearBackend):
             self._record_stats(mod, xp[:t], key)
         return y[:t, : w.shape[0]].detach().to(x.dtype)
 
+    def used_input_scales(self) -> dict[str, float]:
+        """delayed-calibrated: the input scale TE holds for each GEMM (what a trace records for its twin)."""
+        if self.recipe_name != "delayed-calibrated":
+            return {}
+        return {k: float(m.fp8_meta["scaling_fwd"].scale[0]) for k, m in self.modules.items()}
+
     def _record_stats(self, mod, x: torch.Tensor, key: str) -> None:
         """Input/weight scales as TE holds them (delayed: fp8_meta; current: recomputed from amax)."""
         w = mod.weight.detach()  # a parameter: keep autograd out of the statistics

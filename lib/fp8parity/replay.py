@@ -1,0 +1,260 @@
+"""Stage B's local check: every op of a candidate's trace recomputed from the candidate's own traced inputs by a
+faithful twin of its recipe (fp8parity.twin), and compared with the candidate's traced output.
+
+Comparing a candidate with the reference mixes the rounding the candidate intends with its bugs; comparing each op
+with its twin on the same inputs leaves only what the candidate does differently from a correct implementation of
+its own recipe. That local error is judged against the noise floor of its op class: the error measured between two
+correct implementations of the same op (FLOORS, each with where its number came from).
+
+Batching is replayed as the candidate ran it: a prefill trace is one forward over every prompt position (so a
+per-tensor scale sees the same rows); a decode trace is one forward per position, and its attention reads the
+candidate's own K/V of the earlier positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fp8parity.qwen2 import Qwen2Model, apply_rope, attention, rms_norm, rope_tables
+from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LAYER_STAGES, LINEAR_OPS, LOGITS, TapKey, forward_order
+
+GEMM_OPS = {op: (tap_in, stem, bias) for op, tap_in, stem, bias in LINEAR_OPS}
+NORM_OPS = ("attn_norm", "ffn_norm", FINAL_NORM)
+# op -> the class whose noise floor judges it; GEMMs take their class from the twin (gemm-fp32/bf16/fp8)
+OP_CLASS = {EMBEDDING: "lookup", "attn_norm": "rmsnorm", "ffn_norm": "rmsnorm", FINAL_NORM: "rmsnorm",
+            "q_post_rope": "rope", "k_post_rope": "rope", "attention": "attention", "post_attn_residual": "add",
+            "post_ffn_residual": "add", "ffn_swiglu": "swiglu"} | dict.fromkeys([*GEMM_OPS, LOGITS], "gemm")
+
+
+@dataclass(frozen=True)
+class Floor:
+    rel_l2: float  # largest relative L2 error between two correct implementations of the op class
+    source: str  # where the number was measured
+
+
+# Measured by benchmarks/noise_floors.py on the real default model (Qwen2.5-Coder-0.5B Q4_K_M), 2 chat prompts x both
+# paths, largest over every (layer, position); raw numbers in benchmarks/results/noise_floors_*.json. fp32 ops: twice
+# the largest error of the fp32 op against the same op in fp64 on the same inputs (two correct fp32 implementations
+# each lie within that of the exact result). GEMMs of narrower arithmetic: the largest difference between two
+# correct implementations measured directly.
+_CPU = "2-core x86-64 VM, torch 2.13.0+cpu"
+FLOORS: dict[str, Floor] = {
+    "lookup": Floor(2.0**-24, "a row copy is exact (0 measured); fp32 unit roundoff as the least floor"),
+    "rmsnorm": Floor(3.8e-7, f"2 x 1.88e-7, fp32 vs fp64 ({_CPU})"),
+    "rope": Floor(1.2e-7, f"2 x 6.04e-8, fp32 vs fp64 ({_CPU})"),
+    "attention": Floor(4.8e-5, f"2 x 2.40e-5, fp32 vs fp64 ({_CPU})"),
+    "add": Floor(1.1e-7, f"2 x 5.35e-8, fp32 vs fp64 ({_CPU})"),
+    "swiglu": Floor(2.2e-7, f"2 x 1.08e-7, fp32 vs fp64 ({_CPU})"),
+    "gemm-fp32": Floor(3.6e-6, f"2 x 1.81e-6, fp32 vs fp64 ({_CPU})"),
+    "gemm-bf16": Floor(1.2e-3, f"1.18e-3: bf16 operands, fp32 sums vs fp64 sums, both rounded to bf16 ({_CPU})"),
+    "gemm-fp8": Floor(3.6e-3, f"3.60e-3: E4M3 operands, fast (14-bit, GPU-calibrated model) vs fp32 accumulation, "
+                      f"largest of tensor 3.31e-3 / rowwise 3.20e-3 / block 3.60e-3 ({_CPU})"),
+}
+ALARM_FACTOR = 4.0  # an op diverges when its local error is more than this many times its class's floor
+
+
+def groups(path: str, positions: list[int]) -> list[list[int]]:
+    """The forwards the candidate ran: prefill is one batch of every position, decode one position a step."""
+    return [positions] if path == "prefill" else [[p] for p in positions]
+
+
+def _rows_of(trace: dict[TapKey, torch.Tensor], op: str, layer: int, ps: list[int],
+          dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    try:
+        return torch.stack([trace[(p, layer, op)] for p in ps]).to(dtype)
+    except KeyError:
+        return None
+
+
+def _row_errors(cand: torch.Tensor, twin: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per row, in float64: relative L2 error, cosine, norm ratio |cand|/|twin|, max abs difference."""
+    c, t = cand.double().reshape(cand.shape[0], -1), twin.double().reshape(twin.shape[0], -1)
+    nc, nt, nd = c.norm(dim=1), t.norm(dim=1), (c - t).norm(dim=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = torch.where(nt > 0, nd / nt, torch.where(nd > 0, math.inf, 0.0))
+        cos = torch.where((nc > 0) & (nt > 0), (c * t).sum(1) / (nc * nt), torch.where(nc == nt, 1.0, 0.0))
+        ratio = torch.where(nt > 0, nc / nt, torch.where(nc > 0, math.inf, 1.0))
+    finite = torch.isfinite(c).all(1)
+    rel = torch.where(finite, rel, math.inf)  # a non-finite output is never within any floor
+    return {"rel_l2": rel.numpy(), "cosine": torch.where(finite, cos, math.nan).numpy(),
+            "norm_ratio": ratio.numpy(), "max_abs": (c - t).abs().amax(1).numpy()}
+
+
+class Replayer:
+    """Recomputes a trace's ops from their traced inputs: norms, RoPE, attention and SwiGLU in fp32 as the file
+    defines them (eps, theta), the linear layers through `twin`, the weights as the file defines them."""
+
+    def __init__(self, model: Qwen2Model, twin, gemm_class: str, floors: dict[str, Floor] | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.twin, self.gemm_class, self.dtype = model, twin, gemm_class, dtype  # float64: the exact op
+        self.floors = FLOORS if floors is None else floors
+        self.cfg = model.cfg
+
+    def op_class(self, op: str) -> str:
+        return self.gemm_class if OP_CLASS[op] == "gemm" else OP_CLASS[op]
+
+    def _gemm(self, op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if op == LOGITS:
+            head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
+            return self.twin.linear(x, m._w(head), None, "lm_head")
+        _, stem, has_bias = GEMM_OPS[op]
+        b = m.small(f"blk.{layer}.{stem}.bias") if has_bias else None
+        return self.twin.linear(x, m._w(f"blk.{layer}.{stem}.weight"), b, f"{layer}.{op}")
+
+    def _recompute(self, op: str, layer: int, ps: list[int], tr, ids: list[int] | None) -> torch.Tensor | None:
+        """The twin's output of `op` at positions `ps` (one forward), from the candidate's traced inputs."""
+        cfg, m, dt = self.cfg, self.model, self.dtype
+        hd, T = cfg.head_dim, len(ps)
+
+        def _rows(tr_, op_, layer_, ps_):
+            return _rows_of(tr_, op_, layer_, ps_, dt)
+
+        prev = (EMBEDDING, GLOBAL_LAYER) if layer == 0 else ("post_ffn_residual", layer - 1)
+        if op == EMBEDDING:
+            return None if ids is None else m.gguf.rows("token_embd.weight", [ids[p] for p in ps]).to(dt)
+        if op in NORM_OPS:
+            src = {"attn_norm": prev, "ffn_norm": ("post_attn_residual", layer),
+                   FINAL_NORM: ("post_ffn_residual", cfg.n_layers - 1)}[op]
+            x = _rows(tr, src[0], src[1], ps)
+            w = {"attn_norm": f"blk.{layer}.attn_norm.weight", "ffn_norm": f"blk.{layer}.ffn_norm.weight",
+                 FINAL_NORM: "output_norm.weight"}[op]
+            return None if x is None else rms_norm(x, m.small(w).to(dt), cfg.rms_eps)
+        if op in GEMM_OPS or op == LOGITS:
+            x = _rows(tr, FINAL_NORM if op == LOGITS else GEMM_OPS[op][0], layer, ps)
+            return None if x is None else self._gemm(op, layer, x)
+        if op in ("q_post_rope", "k_post_rope"):
+            x = _rows(tr, op[0] + "_proj", layer, ps)
+            if x is None:
+                return None
+            cos, sin = rope_tables(torch.tensor(ps), hd, cfg.rope_theta, dt, "cpu")
+            return apply_rope(x.view(T, -1, hd), cos, sin).reshape(T, -1)
+        if op == "attention":
+            q = _rows(tr, "q_post_rope", layer, ps)
+            seen = list(range(ps[-1] + 1))  # the K/V a correct cache holds: every position up to the last query
+            k, v = _rows(tr, "k_post_rope", layer, seen), _rows(tr, "v_proj", layer, seen)
+            if q is None or k is None or v is None:
+                return None
+            kv = cfg.n_kv_heads
+            out = attention(q.view(T, cfg.n_heads, hd).transpose(0, 1), k.view(-1, kv, hd).transpose(0, 1),
+                            v.view(-1, kv, hd).transpose(0, 1), ps[0])
+            return out.transpose(0, 1).reshape(T, -1)
+        if op in ("post_attn_residual", "post_ffn_residual"):
+            a = _rows(tr, *prev, ps) if op == "post_attn_residual" else _rows(tr, "post_attn_residual", layer, ps)
+            b = _rows(tr, "attn_out" if op == "post_attn_residual" else "ffn_out", layer, ps)
+            return None if a is None or b is None else a + b
+        if op == "ffn_swiglu":
+            g, u = _rows(tr, "ffn_gate", layer, ps), _rows(tr, "ffn_up", layer, ps)
+            return None if g is None or u is None else torch.nn.functional.silu(g) * u
+        raise KeyError(op)
+
+    def replay(self, trace: dict[TapKey, torch.Tensor], path: str, prompt_ids: list[int] | None = None,
+               layers: list[int] | None = None, ops: tuple[str, ...] | None = None) -> pd.DataFrame:
+        """One row per (position, layer, op) of the trace: the candidate's output against its twin's."""
+        positions = sorted({p for p, _, _ in trace})
+        layers = list(range(self.cfg.n_layers)) if layers is None else layers
+        plan = [(op, GLOBAL_LAYER) for op in (EMBEDDING,)] + [(op, L) for L in layers for op in LAYER_STAGES] + [
+            (FINAL_NORM, GLOBAL_LAYER), (LOGITS, GLOBAL_LAYER)]
+        plan = [(op, L) for op, L in plan if ops is None or op in ops]
+        out = []
+        for ps in groups(path, positions):
+            for op, L in plan:
+                got = [p for p in ps if (p, L, op) in trace]
+                if not got:
+                    continue
+                twin = self._recompute(op, L, got, trace, prompt_ids)
+                cls = self.op_class(op)
+                base = {"layer": L, "op": op, "op_class": cls, "floor": self.floors[cls].rel_l2}
+                if twin is None:
+                    out += [base | {"position": p, "status": "UNMEASURED"} for p in got]
+                    continue
+                err = _row_errors(_rows_of(trace, op, L, got), twin)
+                out += [base | {"position": p, "status": "measured"} | {k: float(v[i]) for k, v in err.items()}
+                        for i, p in enumerate(got)]
+        df = pd.DataFrame(out)
+        if df.empty:
+            return df
+        df["times_floor"] = df.rel_l2 / df.floor
+        return df
+
+
+def local_table(rows: pd.DataFrame, factor: float = ALARM_FACTOR) -> pd.DataFrame:
+    """Per (layer, op) in forward order: the worst position's local error, its multiple of the floor, beyond or not."""
+    out = []
+    for (layer, op), g in rows.groupby(["layer", "op"], sort=False):
+        m = g[g.status == "measured"]
+        if m.empty:
+            out.append({"layer": layer, "op": op, "op_class": g.op_class.iloc[0], "status": "UNMEASURED"})
+            continue
+        w = m.loc[m.times_floor.fillna(math.inf).idxmax()]
+        out.append({"layer": int(layer), "op": op, "op_class": w.op_class, "status": "measured",
+                    "rel_l2": float(w.rel_l2), "floor": float(w.floor), "times_floor": float(w.times_floor),
+                    "position": int(w.position), "cosine": float(w.cosine), "norm_ratio": float(w.norm_ratio),
+                    "max_abs": float(m.max_abs.max()), "positions": len(m),
+                    "beyond": not bool(w.times_floor <= factor)})  # NaN is beyond
+    df = pd.DataFrame(out)
+    df["order"] = [forward_order(op, L) for L, op in zip(df.layer, df.op, strict=True)]
+    return df.sort_values("order").drop(columns="order").reset_index(drop=True)
+
+
+def first_beyond(table: pd.DataFrame) -> dict | None:
+    """The first (layer, op) in forward order whose local error is beyond its floor, or None."""
+    bad = table[(table.status == "measured") & table.beyond]
+    if bad.empty:
+        return None
+    r = bad.iloc[0]
+    return {"layer": int(r.layer), "op": r.op, "position": int(r.position), "rel_l2": float(r.rel_l2),
+            "times_floor": float(r.times_floor), "norm_ratio": float(r.norm_ratio), "cosine": float(r.cosine)}
+
+
+def describe_where(fd: dict, path: str | None = None) -> str:
+    where = f"layer {fd['layer']} {fd['op']}" if fd["layer"] >= 0 else fd["op"]
+    return (f"{where}{'' if path is None else f', {path} path'}, position {fd['position']}: local error "
+            f"{fd['rel_l2']:.3g} = {fd['times_floor']:.3g}× the noise floor (norm ratio {fd['norm_ratio']:.4f})")
+
+
+FINGERPRINT_LAYERS = (0, 1)  # the GEMMs of the first layers tell recipes apart; more only costs time
+
+
+def fingerprint(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str, prompt_ids: list[int] | None = None,
+                input_scales: dict[str, float] | None = None, layers=FINGERPRINT_LAYERS) -> pd.DataFrame:
+    """Which twin explains the trace's GEMMs best: one row per recipe tried, best (lowest mean local error) first."""
+    from fp8parity import twin
+
+    layers = [L for L in layers if L < model.cfg.n_layers]
+    out = []
+    for spec in twin.fingerprint_specs(input_scales):
+        rp = Replayer(model, twin.make_twin(spec, input_scales), spec.gemm_class)
+        m = rp.replay(trace, path, prompt_ids, layers=layers, ops=tuple(GEMM_OPS))
+        m = m[m.status == "measured"] if len(m) else m
+        if m.empty:
+            continue
+        out.append({"recipe": spec.label(accumulation=False), "mean_local_error": float(m.rel_l2.mean()),
+                    "max_local_error": float(m.rel_l2.max()), "gemm_rows": len(m), "spec": spec.to_dict()})
+    return pd.DataFrame(out).sort_values(["mean_local_error", "max_local_error"]).reset_index(drop=True)
+
+
+def describe_fingerprint(fp: pd.DataFrame) -> str:
+    """One sentence: this candidate behaves like ..., with the margin to the next recipe and what is left over."""
+    if fp.empty:
+        return "no GEMM of the trace could be replayed: no fingerprint."
+    best = fp.iloc[0]
+    nxt = fp.iloc[1] if len(fp) > 1 else None
+    e = best.mean_local_error
+    margin = "" if nxt is None else (
+        f"; next best {nxt.recipe} at {nxt.mean_local_error:.3g}"
+        + (f" ({nxt.mean_local_error / e:.3g}× worse)" if e > 0 else " (the best is bit-exact)"))
+    cls = f"gemm-{best.spec['arithmetic']}"
+    if e == 0:
+        acc = "bit-exact with it: fp32 sums in the same order"
+    elif best.max_local_error <= FLOORS[cls].rel_l2:
+        acc = ("within the noise floor of its class: consistent with fast (~14-bit) or reordered accumulation"
+               if best.spec["arithmetic"] == "fp8" else "within the noise floor of its class: reordered sums")
+    else:
+        acc = f"not fully explained: the largest residual {best.max_local_error:.3g} exceeds the floor {FLOORS[cls].rel_l2:.3g}"
+    return (f"this candidate behaves like **{best.recipe}** (mean local GEMM error {e:.3g}{margin}); {acc}.")

@@ -1,0 +1,150 @@
+"""Stage B's local check on the tiny model: every clean candidate stays within its noise floors, every planted fault
+is pinned to its exact (layer, op, path), foreign traces go through the same replay, and the fingerprint names
+the recipe that made a trace."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fp8parity import replay, stages, twin
+from fp8parity.backends.emulated import EmulatedFP8Backend
+from fp8parity.detection import detection_limits, sweep
+from fp8parity.fault_bench import on_expected_paths
+from fp8parity.faults import CATALOGUE
+from fp8parity.qwen2 import Qwen2Model
+from fp8parity.taps import Recorder
+from fp8parity.trace import key_str
+from fp8parity.workbench import Params, Workbench
+
+
+def bench(tiny_path, tmp_path, backend="reference", fault="none", recipe="current") -> Workbench:
+    return Workbench(Params(model=str(tiny_path), backend=backend, fault=fault, recipe=recipe,
+                            run_dir=str(tmp_path / f"{backend}-{recipe}-{fault.replace('/', '_')}")))
+
+
+def trace_of(model: Qwen2Model, ids, path) -> dict:
+    rec = Recorder()
+    model.run(ids, path, rec)
+    return rec.tensors
+
+
+@pytest.mark.parametrize("recipe", ["current", "rowwise", "block", "delayed-calibrated"])
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_an_emulated_candidate_is_its_own_twin_bit_for_bit(tiny_path, tmp_path, recipe, path):
+    wb = bench(tiny_path, tmp_path, "emulated-fp8", recipe=recipe)
+    ids = wb.prompt_ids()
+    wb.prepare_candidate(ids)
+    spec = stages.candidate_twin(wb)
+    rp = replay.Replayer(wb.reference, twin.make_twin(spec, wb.backend.used_input_scales()), spec.gemm_class)
+    rows = rp.replay(trace_of(wb.candidate, ids, path), path, ids)
+    assert (rows.status == "measured").all() and len(rows) == len(ids) * (15 * wb.gguf.config.n_layers + 3)
+    assert rows.rel_l2.max() == 0.0  # same operands, same scales, same batching: nothing left but the op itself
+
+
+def test_the_fp32_reference_replayed_in_fp64_sits_on_a_small_nonzero_floor(tiny_path, tmp_path):
+    wb = bench(tiny_path, tmp_path)
+    ids = wb.prompt_ids()
+    rp = replay.Replayer(wb.reference, twin.make_twin(twin.TwinSpec("fp32")), "gemm-fp32", dtype=torch.float64)
+    rows = rp.replay(trace_of(wb.reference, ids, "decode"), "decode", ids)
+    worst = rows.groupby("op_class").rel_l2.max()
+    assert worst["lookup"] == 0.0
+    for cls in ("rmsnorm", "attention", "gemm-fp32", "swiglu"):
+        assert 0 < worst[cls] <= replay.FLOORS[cls].rel_l2, cls  # rounding exists, and the floor covers it
+
+
+def test_a_candidate_off_its_declared_recipe_is_caught_at_its_first_gemm(tiny_path, tmp_path):
+    """Declared per-tensor current scaling, but it scales per row: q_proj of layer 0 is the first op to differ."""
+    wb = bench(tiny_path, tmp_path, "emulated-fp8")
+    wb.backend.granularity = "rowwise"
+    v = stages.stage_b(wb, paths=("prefill",), save_traces=False)[0]
+    fd = v.numbers["first_beyond_floor"]
+    assert v.status == "fail" and (fd["layer"], fd["op"]) == (0, "q_proj") and fd["times_floor"] > replay.ALARM_FACTOR
+
+
+STAGE_B_FAULTS = [f for f in CATALOGUE if f.expected_stage == "B" and f.side == "candidate"]
+
+
+@pytest.mark.parametrize("fault", STAGE_B_FAULTS, ids=lambda f: f.name)
+def test_every_stage_b_fault_is_localized_to_its_layer_op_and_path(tiny_path, tmp_path, fault):
+    backend = "emulated-fp8" if fault.fp8 else "reference"
+    v = stages.stage_b(bench(tiny_path, tmp_path, backend, fault.name), save_traces=False)[0]
+    assert v.status == "fail"
+    assert on_expected_paths(fault, v), v.numbers["first_by_path"]
+
+
+def test_scale_only_fault_is_seen_by_the_norm_ratio_not_the_cosine(tiny_path, tmp_path):
+    v = stages.stage_b(bench(tiny_path, tmp_path, fault="gemm-scale-0.96"), paths=("prefill",), save_traces=False)[0]
+    fd = v.numbers["first_beyond_floor"]
+    assert fd["cosine"] == pytest.approx(1.0, abs=1e-9) and fd["norm_ratio"] == pytest.approx(0.96, abs=1e-6)
+    assert fd["rel_l2"] == pytest.approx(0.04, rel=1e-4)
+
+
+@pytest.mark.parametrize("backend,recipe", [("reference", "current"), ("emulated-fp8", "current"),
+                                            ("emulated-fp8", "block")])
+def test_clean_candidates_pass_stage_b_and_say_why(tiny_path, tmp_path, backend, recipe):
+    v, table, local, _ = stages.stage_b(bench(tiny_path, tmp_path, backend, recipe=recipe), save_traces=False)
+    assert v.status == "pass", v.summary
+    assert "no op beyond its noise floor" in v.summary and "× its floor" in v.summary
+    assert set(local.path) == {"prefill", "decode"} and not local[local.status == "measured"].beyond.any()
+    assert {"max_rel_l2", "norm_ratio", "min_cosine"} <= set(table.columns)
+    assert v.numbers["drift"]["ratio"] == pytest.approx(1.0)  # the twin run end to end drifts exactly as far
+
+
+@pytest.mark.parametrize("granularity,bias,expected", [("tensor", "fp32", "fp8 tensor, bias fp32"),
+                                                       ("rowwise", "fp32", "fp8 rowwise, bias fp32"),
+                                                       ("block", "bf16", "fp8 block, bias bf16")])
+def test_the_fingerprint_names_the_recipe_that_made_a_trace(tiny_path, tmp_path, granularity, bias, expected):
+    wb = bench(tiny_path, tmp_path)
+    cand = Qwen2Model(wb.gguf, backend=EmulatedFP8Backend(granularity, bias_dtype=bias), weights=wb.reference.weights)
+    ids = wb.prompt_ids()
+    fp = replay.fingerprint(wb.reference, trace_of(cand, ids, "prefill"), "prefill", ids)
+    assert fp.recipe.iloc[0] == expected and fp.mean_local_error.iloc[0] == 0.0
+    assert fp.mean_local_error.iloc[1] > 0  # the runner-up is told apart
+    assert expected in replay.describe_fingerprint(fp)
+
+
+def dump_npy(trace: dict, folder, meta: dict | None = None) -> None:
+    """Another engine's dump: one p<pos>.L<layer>.<op>.npy per tap (float32), optional meta.json."""
+    folder.mkdir(parents=True)
+    for k, v in trace.items():
+        np.save(folder / f"{key_str(k)}.npy", v.numpy())
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_foreign_npy_trace_is_fingerprinted_and_judged_through_the_same_replay(tiny_path, tmp_path):
+    wb = bench(tiny_path, tmp_path)
+    ids = wb.prompt_ids()
+    cand = Qwen2Model(wb.gguf, backend=EmulatedFP8Backend("rowwise"), weights=wb.reference.weights)
+    tr = trace_of(cand, ids, "decode")
+    dump_npy(tr, tmp_path / "clean", {"path": "decode", "prompt_ids": ids})
+    v, local, fp = stages.stage_b_from_trace(wb, tmp_path / "clean")
+    assert v.status == "pass" and v.numbers["twin_from"] == "fingerprint"
+    assert v.numbers["twin"]["granularity"] == "rowwise" and local.rel_l2.max() == 0.0
+    # the same dump with one op 2% off at one position: pinned there, and nothing before it
+    bad = dict(tr)
+    bad[(5, 2, "ffn_up")] = tr[(5, 2, "ffn_up")] * 0.98
+    dump_npy(bad, tmp_path / "bad", {"path": "decode", "prompt_ids": ids})
+    v, local, _ = stages.stage_b_from_trace(wb, tmp_path / "bad")
+    fd = v.numbers["first_beyond_floor"]
+    assert v.status == "fail" and (fd["layer"], fd["op"], fd["position"]) == (2, "ffn_up", 5)
+    # without prompt ids the embedding cannot be replayed: UNMEASURED, never scored
+    dump_npy(tr, tmp_path / "noids")
+    v, local, _ = stages.stage_b_from_trace(wb, tmp_path / "noids")
+    assert v.status == "pass" and (local[local.op == "embedding"].status == "UNMEASURED").all()
+
+
+def test_the_detection_sweep_localizes_planted_errors_and_reports_a_limit(tiny_path):
+    trials, cleans = sweep(str(tiny_path), candidates=("reference", "emulated-fp8:current"), magnitudes=(0.001, 0.05),
+                           n_placements=2)
+    assert not cleans.false_alarm.any()
+    assert trials[trials.magnitude == 0.05].localized.all()
+    ref_small = trials[(trials.candidate == "reference") & (trials.magnitude == 0.001)]
+    fp8_small = trials[(trials.candidate == "emulated-fp8:current") & (trials.magnitude == 0.001)]
+    assert ref_small.localized.all() and not fp8_small.localized.any()  # 0.1% is under the FP8 floor, not fp32's
+    limits = detection_limits(trials).set_index(["candidate", "class"]).detection_limit
+    assert limits["reference", "scale"] == 0.001 and limits["emulated-fp8:current", "offset"] == 0.05
