@@ -43,8 +43,8 @@ class TwinSpec:
 
     @property
     def gemm_class(self) -> str:
-        """The noise-floor class of this twin's GEMMs (fp8 covers fast and fp32 accumulation alike)."""
-        return f"gemm-{self.arithmetic}"
+        """The noise-floor class of this twin's GEMMs: FP8 with fast (~14-bit) accumulation is a class of its own."""
+        return f"gemm-{self.arithmetic}" + ("-fast" if self.arithmetic == "fp8" and self.accumulation == "fast" else "")
 
     def label(self, accumulation: bool = True) -> str:
         if self.arithmetic != "fp8":
@@ -68,8 +68,9 @@ def declared_spec(backend: dict, recipe: str) -> TwinSpec:
     if name == "emulated-fp8":
         return TwinSpec("fp8", granularity, bias=backend.get("bias_dtype", "fp32"),
                         accumulation="fast" if backend.get("accumulate") == "fast" else "fp32")
-    if name == "te":  # TE documents both: fp32 bias cast to bf16, fast accumulation in forward GEMMs
-        return TwinSpec("fp8", granularity, bias="bf16", accumulation="fast")
+    if name == "te":  # TE documents an fp32 bias cast to bf16 and fast accumulation in forward GEMMs; its block-scaled
+        # GEMM promotes partial sums per block (measured on the H200: as close to fp32 sums as torch-fp8 without fast)
+        return TwinSpec("fp8", granularity, bias="bf16", accumulation="fp32" if granularity == "block" else "fast")
     if name == "torch-fp8":
         return TwinSpec("fp8", backend.get("granularity", granularity), bias="fp32",
                         accumulation="fast" if backend.get("fast_accum") else "fp32")
