@@ -19,12 +19,14 @@ MAX_PROMPTS ?= 2
 PATHS    ?= prefill,decode
 MAX_NEW_TOKENS ?= 48
 CAPSULE  ?=
+CANDIDATE_TRACE ?=
+SWEEP    ?=
 RUNS_DIR ?= runs
 
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint model inspect run-all faults lab bench clean-venv tiny
+.PHONY: setup test lint model inspect run-all faults judge-trace lab bench clean-venv tiny
 
 # Setup only when RUN is the venv's python; with RUN=python the active environment is used as is.
 ifeq ($(RUN),$(VENV)/bin/python)
@@ -68,10 +70,13 @@ run-all: $(SETUP) $(MODEL_DEP)
 	$(RUN) -m fp8parity run-all --model "$(MODEL)" --backend "$(BACKEND)" --recipe "$(RECIPE)" \
 		--prompt "$(PROMPT)" --threshold "$(THRESHOLD)" --run-id "$(RUN_ID)" --fault "$(FAULT)" --runs-dir "$(RUNS_DIR)" \
 		--max-prompts "$(MAX_PROMPTS)" --paths "$(PATHS)" --max-new-tokens "$(MAX_NEW_TOKENS)" \
-		--capsule "$(CAPSULE)"
+		--capsule "$(CAPSULE)" --candidate-trace "$(CANDIDATE_TRACE)"
 
 faults: $(SETUP) $(MODEL_DEP)
-	$(RUN) -m fp8parity faults --model "$(MODEL)" --backend "$(BACKEND)" --runs-dir "$(RUNS_DIR)"
+	$(RUN) -m fp8parity faults --model "$(MODEL)" --backend "$(BACKEND)" --runs-dir "$(RUNS_DIR)" --sweep "$(SWEEP)"
+
+judge-trace: $(SETUP)
+	$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"
 
 lab: $(SETUP)
 	$(RUN) -m jupyter lab notebooks

@@ -234,6 +234,12 @@ logits affine drift picture, and links to each stage's report.""",
           "    folder, loc = found\n    measured = loc[loc.slope.notna()]\n    plots.affine_signatures(measured)\n"
           "    display(measured[['fault', 'candidate', 'expected_stage', 'new_alarms', 'localized', 'slope', "
           "'intercept', 'pearson_r']])"),
+     md("Stage B's detection limit, from the newest `make faults` run beside this one: planted scale and offset "
+        "errors at random (layer, GEMM) placements, the fraction localized to their exact (layer, op, path) per size."),
+     code("from fp8parity.fault_bench import latest_sweep\n\nsweep = latest_sweep(Path(RUN_DIR).parent)\n"
+          "if sweep is None:\n    print('no detection sweep yet: run `make faults`')\nelse:\n"
+          "    from fp8parity.detection import detection_limits\n\n    plots.detection_curves(sweep)\n"
+          "    display(detection_limits(sweep))"),
      code("links = ' · '.join(f'[{p.stem}]({p.name})' for p in sorted(Path(RUN_DIR).glob('0*.html')))\n"
           "display(Markdown('Reports: ' + (links or '(rendered by `make run-all`)')))\n"
           "wb.save_json('summary.json', {'verdicts': summary.to_dict('records'), 'provenance': wb.provenance()})"),

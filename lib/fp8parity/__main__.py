@@ -74,7 +74,8 @@ def _cmd_run_all(a: argparse.Namespace) -> int:
 
     return run_all(model=a.model, backend=a.backend, recipe=a.recipe, prompt=a.prompt, threshold=a.threshold,
                    run_id=a.run_id, fault=a.fault, runs_dir=a.runs_dir, notebooks=a.notebooks,
-                   max_prompts=a.max_prompts, paths=a.paths, max_new_tokens=a.max_new_tokens, capsule=a.capsule)
+                   max_prompts=a.max_prompts, paths=a.paths, max_new_tokens=a.max_new_tokens, capsule=a.capsule,
+                   candidate_trace=a.candidate_trace)
 
 
 def _cmd_faults(a: argparse.Namespace) -> int:
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--paths", default="prefill,decode", help="paths stage B judges")
             s.add_argument("--max-new-tokens", type=int, default=48, help="stage F generation length")
             s.add_argument("--capsule", default="", help="notebook 08: a capsule file to replay (default: build one)")
+            s.add_argument("--candidate-trace", default="", help="notebook 02: judge this trace folder instead of "
+                           "running a candidate")
         else:
             s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
             s.add_argument("--sweep", default="", help="detection-limit sweep candidates, backend[:recipe],... "

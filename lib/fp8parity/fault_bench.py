@@ -193,3 +193,9 @@ def latest_localization(runs_dir: str | Path) -> tuple[Path, pd.DataFrame] | Non
     if not found:
         return None
     return found[-1].parent, pd.read_csv(found[-1])
+
+
+def latest_sweep(runs_dir: str | Path) -> pd.DataFrame | None:
+    """The newest detection-limit sweep's trials under runs_dir, or None."""
+    found = sorted(Path(runs_dir).glob("faults-*/sweep_trials.csv"))
+    return pd.read_csv(found[-1]) if found else None

@@ -252,11 +252,15 @@ def describe_fingerprint(fp: pd.DataFrame) -> str:
     if fp.empty:
         return "no GEMM of the trace could be replayed: no fingerprint."
     best = fp.iloc[0]
-    nxt = fp.iloc[1] if len(fp) > 1 else None
     e = best.mean_local_error
+    ties = fp[(fp.mean_local_error == e) & (fp.max_local_error == best.max_local_error)].recipe.tolist()[1:]
+    rest = fp.iloc[1 + len(ties):]
+    nxt = rest.iloc[0] if len(rest) else None
     margin = "" if nxt is None else (
         f"; next best {nxt.recipe} at {nxt.mean_local_error:.3g}"
         + (f" ({nxt.mean_local_error / e:.3g}× worse)" if e > 0 else " (the best is bit-exact)"))
+    if ties:  # e.g. a bias already representable in bf16 rounds to itself: the trace cannot tell these apart
+        margin += f"; indistinguishable on this trace from {', '.join(ties)}"
     arith = best.spec["arithmetic"]
     if e == 0:
         acc = "bit-exact with it: fp32 sums in the same order"

@@ -63,7 +63,7 @@ def to_html(ipynb: Path) -> Path:
 def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: str = "", threshold: float = 0.99,
             run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks: str = "",
             prompts: list[str] | None = None, quiet: bool = False, max_prompts: int = 2,
-            paths: str = "prefill,decode", max_new_tokens: int = 48, capsule: str = "") -> int:
+            paths: str = "prefill,decode", max_new_tokens: int = 48, capsule: str = "", candidate_trace: str = "") -> int:
     """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail)."""
     import papermill as pm
 
@@ -72,6 +72,10 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
 
     get_fault(fault)  # unknown names fail before anything is written
     GGUFModel(model)  # a bad model fails here, in one sentence, before a run folder exists
+    if candidate_trace:
+        from fp8parity.trace import load_trace
+
+        load_trace(Path(candidate_trace))  # an unreadable trace folder fails before anything is written
     books = list_notebooks(notebooks)
     run = new_run_dir(Path(runs_dir).resolve(), run_id, backend, fault)
     plist = prompts or ([prompt] + [p for p in DEFAULT_PROMPTS if p != prompt] if prompt else DEFAULT_PROMPTS)
@@ -79,7 +83,8 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
     params = {"MODEL": str(Path(model).resolve()), "BACKEND": backend, "RECIPE": recipe, "PROMPTS": plist,
               "THRESHOLD": float(threshold), "RUN_DIR": str(run), "FAULT": fault,
               "PATHS": [p for p in paths.split(",") if p], "MAX_NEW_TOKENS": int(max_new_tokens),
-              "CAPSULE": str(Path(capsule).resolve()) if capsule else ""}
+              "CAPSULE": str(Path(capsule).resolve()) if capsule else "",
+              "CANDIDATE_TRACE": str(Path(candidate_trace).resolve()) if candidate_trace else ""}
     (run / "parameters.json").write_text(json.dumps(params, indent=2))
     failed, timings = [], {}
     for nb in books:
@@ -166,9 +171,12 @@ def write_index(run: Path, failed: list[str]) -> Path:
         for nb, sec in timings.items() for st in [_stage_of(nb)])
     resources_html = ("<h2>Cost</h2><table><tr><th>notebook</th><th>wall s</th><th>host peak RSS GB</th>"
                       f"<th>GPU peak GB</th></tr>{res_rows}</table>") if res_rows else ""
-    fig = run / "affine_drift.png"
-    img = (f'<h2>Logits affine drift (stage A)</h2><img style="max-width:100%" src="data:image/png;base64,'
-           f'{base64.b64encode(fig.read_bytes()).decode()}">' if fig.is_file() else "")
+    figures = [("Logits affine drift (stage A)", run / "affine_drift.png"),
+               ("Stage B: local error of every op against the twin, per layer (prompt 0, prefill)",
+                run / "stage_b_local_prompt0_prefill.png"),
+               ("Stage B: drift against the reference along the residual stream", run / "stage_b_drift.png")]
+    img = "".join(f'<h2>{html.escape(title)}</h2><img style="max-width:100%" src="data:image/png;base64,'
+                  f'{base64.b64encode(fig.read_bytes()).decode()}">' for title, fig in figures if fig.is_file())
     backend = prov.get("backend", {})
     model_file = Path(prov.get("model_file", "?")).name
     info = [("model", f"{prov.get('model')} ({model_file}, sha256 {prov.get('model_sha256', '?')[:16]}…)"),

@@ -77,6 +77,9 @@ def save_trace(folder: Path, tensors: dict[TapKey, torch.Tensor], meta: dict) ->
 
 def load_trace(folder: Path) -> tuple[dict[TapKey, torch.Tensor], dict]:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise WorkbookError(f"trace folder {folder} does not exist; give a folder of tensors.safetensors or "
+                            f"p<pos>.L<layer>.<op>.npy files.")
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     st = folder / "tensors.safetensors"
