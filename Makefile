@@ -9,19 +9,12 @@ TORCH    ?= torch==2.13.0
 # The interpreter that runs everything; the venv's unless you pass RUN=python (e.g. a conda env).
 RUN      ?= $(VENV)/bin/python
 MODEL    ?= data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-BACKEND  ?= auto
-RECIPE   ?= current
-PROMPT   ?= What is 2+2?
-THRESHOLD ?= 0.99
-RUN_ID   ?=
-FAULT    ?= none
-MAX_PROMPTS ?= 2
-PATHS    ?= prefill,decode
-MAX_NEW_TOKENS ?= 48
-CAPSULE  ?=
-CANDIDATE_TRACE ?=
-SWEEP    ?=
 RUNS_DIR ?= runs
+# Run parameters (BACKEND RECIPE ACCUMULATE PROMPT THRESHOLD PATHS MAX_PROMPTS MAX_NEW_TOKENS FAULT RUN_ID CAPSULE
+# CANDIDATE_TRACE ARCHIVE SWEEP) have their defaults in lib/fp8parity/config.py, defined once: a variable reaches the
+# CLI only when you set it (make VAR=value, or the environment), and a bad value, an empty one included, stops the
+# run with one line before anything is written.
+arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
 
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 STAMP := $(VENV)/.installed
@@ -66,17 +59,20 @@ else
 MODEL_DEP :=
 endif
 
-run-all: $(SETUP) $(MODEL_DEP)
-	$(RUN) -m fp8parity run-all --model "$(MODEL)" --backend "$(BACKEND)" --recipe "$(RECIPE)" \
-		--prompt "$(PROMPT)" --threshold "$(THRESHOLD)" --run-id "$(RUN_ID)" --fault "$(FAULT)" --runs-dir "$(RUNS_DIR)" \
-		--max-prompts "$(MAX_PROMPTS)" --paths "$(PATHS)" --max-new-tokens "$(MAX_NEW_TOKENS)" \
-		--capsule "$(CAPSULE)" --candidate-trace "$(CANDIDATE_TRACE)"
+# run-all checks every parameter first, then fetches the default model if it is missing, then runs
+run-all: $(SETUP)
+	@$(RUN) -m fp8parity run-all --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,BACKEND,backend) \
+		$(call arg,RECIPE,recipe) $(call arg,ACCUMULATE,accumulate) $(call arg,PROMPT,prompt) \
+		$(call arg,THRESHOLD,threshold) $(call arg,RUN_ID,run-id) $(call arg,FAULT,fault) \
+		$(call arg,MAX_PROMPTS,max-prompts) $(call arg,PATHS,paths) $(call arg,MAX_NEW_TOKENS,max-new-tokens) \
+		$(call arg,CAPSULE,capsule) $(call arg,CANDIDATE_TRACE,candidate-trace) $(call arg,ARCHIVE,archive)
 
 faults: $(SETUP) $(MODEL_DEP)
-	$(RUN) -m fp8parity faults --model "$(MODEL)" --backend "$(BACKEND)" --runs-dir "$(RUNS_DIR)" --sweep "$(SWEEP)"
+	@$(RUN) -m fp8parity faults --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,BACKEND,backend) \
+		$(call arg,SWEEP,sweep)
 
 judge-trace: $(SETUP)
-	$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"
+	@$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"
 
 lab: $(SETUP)
 	$(RUN) -m jupyter lab notebooks

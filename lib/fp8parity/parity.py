@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from fp8parity.config import DEFAULT_THRESHOLD  # noqa: E402
 from fp8parity.metrics import row_metrics
 from fp8parity.taps import TapKey, forward_order
 
-DEFAULT_THRESHOLD = 0.99
 MEASURED, UNMEASURED = "measured", "UNMEASURED"
 
 

@@ -8,18 +8,17 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 import sys
 import tarfile
 import time
 from datetime import datetime
 from pathlib import Path
 
+from fp8parity.config import RunConfig, validate
 from fp8parity.errors import WorkbookError
 from fp8parity.models import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-from fp8parity.config import DEFAULT_PROMPTS  # noqa: E402  (re-exported for callers)
 
 
 def list_notebooks(select: str = "") -> list[Path]:
@@ -34,8 +33,6 @@ def list_notebooks(select: str = "") -> list[Path]:
 
 def new_run_dir(runs_dir: Path, run_id: str, backend: str, fault: str) -> Path:
     if run_id:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id):
-            raise WorkbookError(f"RUN_ID {run_id!r} may hold only letters, digits, '.', '_' and '-'.")
         run = runs_dir / run_id
         if run.exists():
             raise WorkbookError(f"run folder {run} already exists; runs never overwrite each other: pick another RUN_ID.")
@@ -60,32 +57,26 @@ def to_html(ipynb: Path) -> Path:
     return out
 
 
-def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: str = "", threshold: float = 0.99,
-            run_id: str = "", fault: str = "none", runs_dir: str = "runs", notebooks: str = "",
-            prompts: list[str] | None = None, quiet: bool = False, max_prompts: int = 2,
-            paths: str = "prefill,decode", max_new_tokens: int = 48, capsule: str = "", candidate_trace: str = "") -> int:
-    """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail)."""
+def notebook_parameters(cfg: RunConfig, run: Path) -> dict:
+    """The notebooks' parameters cell, filled from a checked configuration."""
+    return {"MODEL": str(Path(cfg.model).resolve()), "BACKEND": cfg.backend, "RECIPE": cfg.recipe,
+            "ACCUMULATE": cfg.accumulate, "PROMPTS": cfg.judged_prompts(), "THRESHOLD": cfg.threshold,
+            "RUN_DIR": str(run), "FAULT": cfg.fault, "PATHS": list(cfg.paths), "MAX_NEW_TOKENS": cfg.max_new_tokens,
+            "CAPSULE": str(Path(cfg.capsule).resolve()) if cfg.capsule else "",
+            "CANDIDATE_TRACE": str(Path(cfg.candidate_trace).resolve()) if cfg.candidate_trace else ""}
+
+
+def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: bool = False) -> int:
+    """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail).
+
+    Every parameter is checked before the run folder exists: a bad one raises a WorkbookError and writes nothing."""
     import papermill as pm
 
-    from fp8parity.faults import get_fault
-    from fp8parity.gguf_file import GGUFModel
-
-    get_fault(fault)  # unknown names fail before anything is written
-    GGUFModel(model)  # a bad model fails here, in one sentence, before a run folder exists
-    if candidate_trace:
-        from fp8parity.trace import load_trace
-
-        load_trace(Path(candidate_trace))  # an unreadable trace folder fails before anything is written
+    validate(cfg)
     books = list_notebooks(notebooks)
-    run = new_run_dir(Path(runs_dir).resolve(), run_id, backend, fault)
-    plist = prompts or ([prompt] + [p for p in DEFAULT_PROMPTS if p != prompt] if prompt else DEFAULT_PROMPTS)
-    plist = plist[: max(1, max_prompts)]
-    params = {"MODEL": str(Path(model).resolve()), "BACKEND": backend, "RECIPE": recipe, "PROMPTS": plist,
-              "THRESHOLD": float(threshold), "RUN_DIR": str(run), "FAULT": fault,
-              "PATHS": [p for p in paths.split(",") if p], "MAX_NEW_TOKENS": int(max_new_tokens),
-              "CAPSULE": str(Path(capsule).resolve()) if capsule else "",
-              "CANDIDATE_TRACE": str(Path(candidate_trace).resolve()) if candidate_trace else ""}
-    (run / "parameters.json").write_text(json.dumps(params, indent=2))
+    run = new_run_dir(Path(runs_dir).resolve(), cfg.run_id, cfg.backend, cfg.fault)
+    params = notebook_parameters(cfg, run)
+    (run / "parameters.json").write_text(json.dumps(params | {"ARCHIVE": cfg.archive}, indent=2))
     failed, timings = [], {}
     for nb in books:
         out = run / nb.name
@@ -106,14 +97,36 @@ def run_all(model: str, backend: str = "auto", recipe: str = "current", prompt: 
             print(f"[{nb.stem}] {timings[nb.stem]} s", flush=True)
     (run / "timings.json").write_text(json.dumps(timings, indent=2))
     write_index(run, failed)
-    archive = run.with_suffix(".tar.gz")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(run, arcname=run.name)
-    print(f"report: {run / 'index.html'}\narchive: {archive}")
+    archive = write_archive(run, run.parent / f"{run.name}.tar.gz", reviewer=True)
+    full = write_archive(run, run.parent / f"{run.name}-full.tar.gz", reviewer=False) if cfg.archive == "full" else None
+    print(f"report: {run / 'index.html'}\narchive for reviewers: {archive} ({archive.stat().st_size / 1e6:.1f} MB)"
+          + (f"\nfull archive (traces too): {full} ({full.stat().st_size / 1e6:.0f} MB)" if full else ""))
     if failed:
         print(f"notebooks that failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+# What a reviewer opens: reports, figures, verdicts, per-layer JSON, parameters. Traces, capsules, logits and the
+# executed notebooks (the HTML reports render them) stay in the run folder, or go into the full archive.
+_NOT_FOR_REVIEWERS = ("traces", ".safetensors", ".pt", ".ipynb")
+
+
+def for_reviewers(path: Path, run: Path) -> bool:
+    rel = path.relative_to(run)
+    return rel.parts[0] != "traces" and path.suffix not in _NOT_FOR_REVIEWERS
+
+
+def write_archive(run: Path, archive: Path, reviewer: bool) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(run.rglob("*")):
+            if path.is_file() and (not reviewer or for_reviewers(path, run)):
+                tar.add(path, arcname=str(Path(run.name) / path.relative_to(run)))
+    return archive
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _stage_of(notebook: str) -> str:
@@ -184,6 +197,8 @@ def write_index(run: Path, failed: list[str]) -> Path:
                 f"{k}={v}" for k, v in backend.items() if k not in ("name", "recipe_repr", "card"))),
             ("recipe", prov.get("recipe")), ("fault", prov.get("fault")), ("threshold", prov.get("threshold")),
             ("card", (prov.get("machine") or {}).get("card") or "none (CPU only)"),
+            ("run folder on disk", f"{folder_size(run) / 1e6:.0f} MB (traces included; the reviewer archive leaves "
+                                   f"them out)"),
             ("versions", json.dumps(prov.get("versions", {})))]
     others = "".join(f'<li><a href="{name}">{name}</a></li>' for name in reports.values())
     fails = f'<p style="color:#cf222e">Notebooks that failed to execute: {", ".join(failed)}</p>' if failed else ""

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fp8parity import metrics, parity, replay, twin
 from fp8parity.backends.emulated import EmulatedFP8Backend
-from fp8parity.config import DEFAULT_PATHS
+from fp8parity.config import DEFAULT_PATHS, RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.qwen2 import Qwen2Model, rms_norm
 from fp8parity.taps import Recorder, forward_order
@@ -492,7 +492,7 @@ def stage_e(wb: Workbench, layers: list[int] | None = None, synthetic_batches=(1
 
 
 # --- F: golden output ------------------------------------------------------------------------------------------
-def stage_f(wb: Workbench, runs: int = 5, max_new_tokens: int = 48, stop_tokens: bool | None = None
+def stage_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_new_tokens, stop_tokens: bool | None = None
             ) -> tuple[Verdict, pd.DataFrame, dict]:
     """Each chat prompt generated `runs` times on the candidate with the GGUF's stop tokens; golden = the
     reference's output. Also shows what generation does without stop tokens (the real cause, PR #1890)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fp8parity.backends import make_backend
+from fp8parity.config import DEFAULT_PROMPTS, DEFAULT_THRESHOLD, RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.faults import Fault, get_fault
 from fp8parity.gguf_file import GGUFModel
@@ -28,13 +29,13 @@ class Params:
     """The notebooks' parameters cell, as one object."""
 
     model: str
-    backend: str = "auto"
-    recipe: str = "current"
-    prompts: list[str] = field(default_factory=lambda: ["What is 2+2?"])
-    threshold: float = 0.99
+    backend: str = RunConfig.backend
+    recipe: str = RunConfig.recipe
+    prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPTS[0]])
+    threshold: float = DEFAULT_THRESHOLD
     run_dir: str = "runs/interactive"
-    fault: str = "none"
-    accumulate: str = "fp32"
+    fault: str = RunConfig.fault
+    accumulate: str = RunConfig.accumulate
 
 
 class Workbench:

@@ -27,7 +27,7 @@ def auto_choice() -> str:
 
 
 def make_backend(name: str, recipe: str = "current", accumulate: str = "fp32", fast_accum: bool = False,
-                 **emulated_options) -> LinearBackend:
+                 quiet: bool = False, **emulated_options) -> LinearBackend:
     """name in BACKEND_NAMES; recipe in RECIPES (ignored by reference and bf16)."""
     if name not in BACKEND_NAMES:
         raise WorkbookError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
@@ -54,6 +54,6 @@ def make_backend(name: str, recipe: str = "current", accumulate: str = "fp32", f
         if recipe == "rowwise":
             raise WorkbookError("te has no rowwise recipe; use current, delayed, delayed-calibrated or block.")
         backend = TEBackend(recipe)
-    if name == "auto":
+    if name == "auto" and not quiet:
         print(f"backend auto chose {chosen}")
     return backend
