@@ -164,8 +164,8 @@ def write_index(run: Path, failed: list[str]) -> Path:
         verdicts[v["stage"]] = v
     prov = next(iter(verdicts.values()))["provenance"] if verdicts else {}
     reports = {p.name[:2]: p.name for p in sorted(run.glob("[0-9][0-9]_*.html"))}
-    colors = {"pass": "#1a7f37", "fail": "#cf222e", "unmeasured": "#6e7781"}
     rows = []
+    from fp8parity.stages import MARK_COLORS as colors
     from fp8parity.stages import STAGES
 
     for i, (stage, title) in enumerate(STAGES.items(), start=1):

@@ -28,6 +28,14 @@ STAGES = {"A": "deterministic reproducer", "B": "per-layer parity", "C": "embedd
           "D": "pre-attention RMSNorm parity", "E": "Q/K/V FP8 matmul parity", "F": "golden output"}
 
 
+MARK_COLORS = {PASS: "#1a7f37", FAIL: "#cf222e", UNMEASURED: "#6e7781"}
+
+
+def verdict_mark(status: str) -> str:
+    """The verdict as coloured text: no emoji, which render as empty boxes where the font lacks them."""
+    return f'<span style="color:{MARK_COLORS[status]};font-weight:bold">{status.upper()}</span>'
+
+
 @dataclass
 class Verdict:
     stage: str
@@ -43,8 +51,7 @@ class Verdict:
         return asdict(self) | {"title": self.title}
 
     def markdown(self) -> str:
-        mark = {"pass": "✅ PASS", "fail": "❌ FAIL", "unmeasured": "⚪ UNMEASURED"}[self.status]
-        return f"### {self.title} — {mark}\n\n{self.summary}"
+        return f"### {self.title} — {verdict_mark(self.status)}\n\n{self.summary}"
 
 
 def save_verdict(wb: Workbench, v: Verdict) -> None:
