@@ -60,7 +60,8 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tiny_r
     assert "ci/index.html" in names and "ci/verdicts.json" in names and "ci/parameters.json" in names
     assert any(n.startswith("ci/stage_b/") for n in names) and any(n.endswith(".png") for n in names)
     assert not any("/traces/" in n or n.endswith((".safetensors", ".pt", ".ipynb")) for n in names)
-    assert list(run.glob("traces/*/candidate/tensors.safetensors"))  # traces stay in the run folder
+    assert list(run.glob("traces/*/candidate/tensors.safetensors"))  # the candidate's traces stay in the run folder
+    assert not list(run.glob("traces/*/reference"))  # the reference's are recomputable: kept only with ARCHIVE=full
     assert "run folder on disk" in index
     with pytest.raises(WorkbookError, match="never overwrite"):
         run_all(RunConfig(model=str(tiny_path), run_id="ci"), runs_dir=str(tmp_path))
@@ -105,3 +106,22 @@ def test_every_report_renders_in_a_real_browser(tiny_run):
         assert table.is_visible() and table.locator("tr").count() == 7  # a header and stages A-F
         assert page.locator("img").count() >= 2  # the affine drift and stage B's per-layer figure
         browser.close()
+
+
+def test_the_reviewer_archive_leaves_out_traces_and_the_full_one_keeps_everything(tmp_path):
+    from fp8parity.runner import write_archive
+
+    run = tmp_path / "r"
+    for rel, size in (("index.html", 10), ("02_stage_b_per_layer.html", 10), ("02_stage_b_per_layer.ipynb", 10),
+                      ("verdicts/stage_B.json", 5), ("stage_b/prompt0-prefill/local.json", 5), ("affine_drift.png", 5),
+                      ("traces/prompt0-prefill/candidate/tensors.safetensors", 1000), ("capsule.safetensors", 500),
+                      ("stage_a_logits.pt", 50)):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(b"x" * size)
+    with tarfile.open(write_archive(run, tmp_path / "r.tar.gz", reviewer=True)) as tar:
+        small = set(tar.getnames())
+    with tarfile.open(write_archive(run, tmp_path / "r-full.tar.gz", reviewer=False)) as tar:
+        full = set(tar.getnames())
+    assert small == {"r/index.html", "r/02_stage_b_per_layer.html", "r/verdicts/stage_B.json",
+                     "r/stage_b/prompt0-prefill/local.json", "r/affine_drift.png"}
+    assert len(full) == 9 and small < full

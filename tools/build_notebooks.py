@@ -24,7 +24,8 @@ FAULT = {D.fault!r}  # inject a catalogued fault into one side (see fp8parity.fa
 PATHS = {list(D.paths)!r}  # stage B judges these paths (production engines run batched prefill)
 MAX_NEW_TOKENS = {D.max_new_tokens!r}  # stage F generation length
 CAPSULE = ""  # notebook 08: a real-weight capsule to replay; empty: build one from MODEL
-CANDIDATE_TRACE = ""  # notebook 02: judge this trace folder (.npy per tap, or ours) instead of running a candidate'''
+CANDIDATE_TRACE = ""  # notebook 02: judge this trace folder (.npy per tap, or ours) instead of running a candidate
+ARCHIVE = {D.archive!r}  # reviewer | full (full also keeps the reference's traces, which are recomputable)'''
 
 SETUP = '''import pandas as pd
 from IPython.display import Markdown, display
@@ -111,7 +112,8 @@ its own; and the candidate's end-to-end drift beside its twin's. A tap present o
      code("if CANDIDATE_TRACE:  # another engine's dump (or one of ours): judged without running a candidate\n"
           "    verdict, local, fingerprint = stages.stage_b_from_trace(wb, CANDIDATE_TRACE, factor=FLOOR_FACTOR)\n"
           "    table = None\nelse:\n"
-          "    verdict, table, local, reports = stages.stage_b(wb, paths=PATHS, factor=FLOOR_FACTOR)\n"
+          "    verdict, table, local, reports = stages.stage_b(wb, paths=PATHS, factor=FLOOR_FACTOR,\n"
+          "                                                    reference_traces=ARCHIVE == 'full')\n"
           "    fingerprint = pd.DataFrame(verdict.numbers['fingerprint'])\n"
           "local.sort_values('times_floor', ascending=False).head(10)"),
      md("**Local error per layer** (left of the alarm line is rounding): each op's local error as a multiple of its "

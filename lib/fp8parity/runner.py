@@ -63,7 +63,8 @@ def notebook_parameters(cfg: RunConfig, run: Path) -> dict:
             "ACCUMULATE": cfg.accumulate, "PROMPTS": cfg.judged_prompts(), "THRESHOLD": cfg.threshold,
             "RUN_DIR": str(run), "FAULT": cfg.fault, "PATHS": list(cfg.paths), "MAX_NEW_TOKENS": cfg.max_new_tokens,
             "CAPSULE": str(Path(cfg.capsule).resolve()) if cfg.capsule else "",
-            "CANDIDATE_TRACE": str(Path(cfg.candidate_trace).resolve()) if cfg.candidate_trace else ""}
+            "CANDIDATE_TRACE": str(Path(cfg.candidate_trace).resolve()) if cfg.candidate_trace else "",
+            "ARCHIVE": cfg.archive}
 
 
 def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: bool = False) -> int:
@@ -76,7 +77,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     books = list_notebooks(notebooks)
     run = new_run_dir(Path(runs_dir).resolve(), cfg.run_id, cfg.backend, cfg.fault)
     params = notebook_parameters(cfg, run)
-    (run / "parameters.json").write_text(json.dumps(params | {"ARCHIVE": cfg.archive}, indent=2))
+    (run / "parameters.json").write_text(json.dumps(params, indent=2))
     failed, timings = [], {}
     for nb in books:
         out = run / nb.name

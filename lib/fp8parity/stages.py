@@ -108,12 +108,15 @@ def _first_in_order(found: list[tuple[int, str, dict]], paths) -> tuple[int, str
 
 
 def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None, save_traces: bool = True,
-            factor: float = replay.ALARM_FACTOR) -> tuple[Verdict, pd.DataFrame, pd.DataFrame, dict]:
+            factor: float = replay.ALARM_FACTOR, reference_traces: bool = False
+            ) -> tuple[Verdict, pd.DataFrame, pd.DataFrame, dict]:
     """Every op of the candidate replayed on its own traced inputs by a twin of its recipe (the local check), next
     to the global view: per-(layer, op) cosine and relative error against the reference, and both sides vs fp64.
 
     Fails at the first op in forward order, on any prompt and path, whose local error is more than `factor` times
     the noise floor of its op class, or when the reference itself is the outlier against fp64.
+    `save_traces` keeps the candidate's traces in the run folder (the evidence); the reference's are recomputable
+    from the model file (its sha256 is recorded) and are kept too only with `reference_traces`.
     Returns (verdict, global table, local table, parity reports).
     """
     th = wb.params.threshold
@@ -134,7 +137,8 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
             if save_traces:
                 base = wb.run_dir / "traces" / f"prompt{i}-{path}"
                 meta = {"path": path, "prompt_ids": ids, "prompt": wb.params.prompts[i]} | wb.provenance()
-                save_trace(base / "reference", ref, meta | {"side": "reference", "backend": "reference"})
+                if reference_traces:
+                    save_trace(base / "reference", ref, meta | {"side": "reference", "backend": "reference"})
                 save_trace(base / "candidate", cand, meta | {"side": "candidate", "twin": spec.to_dict(),
                                                               "input_scales": scales})
             rows = parity.compare_traces(ref, cand, th)
