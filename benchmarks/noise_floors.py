@@ -32,6 +32,7 @@ from fp8parity.qwen2 import Qwen2Model
 from fp8parity.taps import Recorder
 from fp8parity.tokenizer import GGUFTokenizer
 from fp8parity.trace import machine, versions
+from fp8parity.workbench import calibrate
 
 PATHS = ("prefill", "decode")
 
@@ -109,17 +110,8 @@ def candidate_errors(ref: Qwen2Model, name: str, recipe: str, prompts: list[list
     backend = make_backend(name, recipe=recipe, fast_accum=fast)
     backend.collect_stats = False
     cand = Qwen2Model(ref.gguf, backend=backend, weights=ref.weights)
-    if recipe == "delayed-calibrated":  # as Workbench.prepare_candidate: calibrate on the prompts first
-        for ids in prompts:
-            if hasattr(backend, "phase"):
-                for phase in ("calibrate", "update"):
-                    backend.phase = phase
-                    cand.prefill(ids, logits_for="last")
-                backend.phase = "run"
-            else:
-                backend.calibrating = True
-                cand.prefill(ids, logits_for="last")
-                backend.calibrating = False
+    for ids in prompts:  # delayed-calibrated: scales from the prompts' amax, as stage B does
+        calibrate(cand, ids)
     spec = twin.declared_spec(backend.describe(), recipe)
     rp = replay.Replayer(ref, twin.make_twin(spec, backend.used_input_scales()), spec.gemm_class)
     worst, beyond = {}, []

@@ -12,6 +12,7 @@ import torch
 
 from fp8parity import replay, stages, twin
 from fp8parity.backends.emulated import EmulatedFP8Backend
+from fp8parity.config import DEFAULT_PROMPTS
 from fp8parity.detection import detection_limits, sweep
 from fp8parity.fault_bench import on_expected_paths
 from fp8parity.faults import CATALOGUE
@@ -84,9 +85,11 @@ def test_scale_only_fault_is_seen_by_the_norm_ratio_not_the_cosine(tiny_path, tm
 
 
 @pytest.mark.parametrize("backend,recipe", [("reference", "current"), ("emulated-fp8", "current"),
-                                            ("emulated-fp8", "block")])
+                                            ("emulated-fp8", "block"), ("emulated-fp8", "delayed-calibrated")])
 def test_clean_candidates_pass_stage_b_and_say_why(tiny_path, tmp_path, backend, recipe):
-    v, table, local, _ = stages.stage_b(bench(tiny_path, tmp_path, backend, recipe=recipe), save_traces=False)
+    wb = bench(tiny_path, tmp_path, backend, recipe=recipe)
+    wb.params.prompts = list(DEFAULT_PROMPTS)  # two prompts: calibration moves the scales between them
+    v, table, local, _ = stages.stage_b(wb, save_traces=False)
     assert v.status == "pass", v.summary
     assert "no op beyond its noise floor" in v.summary and "× its floor" in v.summary
     assert set(local.path) == {"prefill", "decode"} and not local[local.status == "measured"].beyond.any()

@@ -22,6 +22,7 @@ from fp8parity.gguf_file import GGUFModel
 from fp8parity.qwen2 import ForwardOptions, Qwen2Model
 from fp8parity.taps import LINEAR_OPS, Recorder
 from fp8parity.tokenizer import GGUFTokenizer
+from fp8parity.workbench import calibrate
 
 MAGNITUDES = (0.005, 0.01, 0.02, 0.05)
 # class -> (perturbation kind, the path it is planted on): a scale error on both paths (judged on prefill), an
@@ -30,21 +31,6 @@ CLASSES = {"scale": ("scale", "prefill"), "offset": ("offset", "decode")}
 SWEEP_CANDIDATES = ("reference", "emulated-fp8:current", "emulated-fp8:delayed-calibrated", "emulated-fp8:rowwise",
                     "emulated-fp8:block")
 GEMMS = tuple(op for op, *_ in LINEAR_OPS)
-
-
-def _calibrate(model: Qwen2Model, ids: list[int]) -> None:
-    b = model.backend
-    if getattr(b, "recipe_name", getattr(b, "granularity", "")) != "delayed-calibrated":
-        return
-    if hasattr(b, "phase"):
-        for phase in ("calibrate", "update"):
-            b.phase = phase
-            model.prefill(ids, logits_for="last")
-        b.phase = "run"
-    else:
-        b.calibrating = True
-        model.prefill(ids, logits_for="last")
-        b.calibrating = False
 
 
 def placements(n_layers: int, count: int, seed: int) -> list[tuple[int, str]]:
@@ -64,7 +50,7 @@ def sweep(model_path: str, candidates=SWEEP_CANDIDATES, magnitudes=MAGNITUDES, n
         backend = make_backend(name, recipe=recipe or "current")
         backend.collect_stats = False
         clean = Qwen2Model(gguf, backend=backend, weights=ref.weights)
-        _calibrate(clean, ids)
+        calibrate(clean, ids)
         spec = twin.declared_spec(backend.describe(), recipe or "current")
         rp = replay.Replayer(ref, twin.make_twin(spec, backend.used_input_scales()), spec.gemm_class)
         for path in DEFAULT_PATHS:  # the clean run, replayed in full: false alarms

@@ -32,17 +32,18 @@ def scale_from_amax(amax: torch.Tensor, pow2: bool = False, fp8_max: float = E4M
     return scale
 
 
-def cast_e4m3(y: torch.Tensor) -> torch.Tensor:
+def cast_e4m3(y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Round fp32 values to E4M3 (RNE) with saturation at +-448; returns float8_e4m3fn."""
-    return y.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    y = y.clamp_(-E4M3_MAX, E4M3_MAX) if inplace else y.clamp(-E4M3_MAX, E4M3_MAX)
+    return y.to(torch.float8_e4m3fn)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, flush_subnormals: bool = False) -> torch.Tensor:
     """q = e4m3(x * scale) in fp32 arithmetic; scale broadcasts (per-tensor, per-row, ...)."""
-    y = x.to(torch.float32) * scale
+    y = x.to(torch.float32) * scale  # a fresh tensor: clamped in place
     if flush_subnormals:
         y = torch.where(y.abs() < E4M3_MIN_NORMAL, torch.zeros_like(y), y)
-    return cast_e4m3(y)
+    return cast_e4m3(y, inplace=True)
 
 
 @dataclass
@@ -78,7 +79,8 @@ def quant_stats(x: torch.Tensor, scale: torch.Tensor, q: torch.Tensor) -> QuantS
 
 # --- scales per granularity ------------------------------------------------------------------------
 def amax_tensor(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().amax().to(torch.float32).reshape(1, 1)
+    lo, hi = torch.aminmax(x)  # max(|min|, |max|) without an |x| copy
+    return torch.maximum(lo.abs(), hi.abs()).to(torch.float32).reshape(1, 1)
 
 
 def amax_rows(x: torch.Tensor) -> torch.Tensor:

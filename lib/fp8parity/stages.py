@@ -127,11 +127,13 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
     for i in tqdm(prompt_idx, desc="stage B prompts"):
         ids = wb.prompt_ids(i)
         wb.prepare_candidate(ids)
-        if rp is None:  # after calibration: a delayed-calibrated twin replays the scales the candidate settled on
-            scales = wb.backend.used_input_scales()
+        scales = wb.backend.used_input_scales()  # after calibration on this prompt: the scales the candidate uses now
+        if rp is None:
             twin_backend = twin.make_twin(spec, scales)
             rp = replay.Replayer(wb.reference, twin_backend, spec.gemm_class)
             twin_model = Qwen2Model(wb.gguf, backend=twin_backend, weights=wb.reference.weights)
+        elif scales:  # a delayed-calibrated twin replays the scales the candidate settled on for this prompt
+            twin_backend.input_scales = dict(scales)
         for path in paths:
             ref, cand = record(wb.reference, ids, path), record(wb.candidate, ids, path)
             if save_traces:

@@ -75,18 +75,7 @@ class Workbench:
 
     def prepare_candidate(self, ids: list[int]) -> None:
         """Recipes that need calibration (delayed-calibrated) see the prompt once before they are judged."""
-        b = self.backend
-        if getattr(b, "recipe_name", getattr(b, "granularity", "")) != "delayed-calibrated":
-            return
-        if hasattr(b, "phase"):  # te: calibrate, then one forward with grad enabled updates the scales
-            for phase in ("calibrate", "update"):
-                b.phase = phase
-                self.candidate.prefill(ids, logits_for="last")
-            b.phase = "run"
-        else:
-            b.calibrating = True
-            self.candidate.prefill(ids, logits_for="last")
-            b.calibrating = False
+        calibrate(self.candidate, ids)
 
     def provenance(self) -> dict:
         """What every report states: model, file hash, backend, recipe, fault, card, versions."""
@@ -117,6 +106,22 @@ class Workbench:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
         tmp.replace(path)
         return path
+
+
+def calibrate(model: Qwen2Model, ids: list[int]) -> None:
+    """A delayed-calibrated candidate sees `ids` once, so that its scales come from their amax; others: nothing."""
+    b = model.backend
+    if getattr(b, "recipe_name", getattr(b, "granularity", "")) != "delayed-calibrated":
+        return
+    if hasattr(b, "phase"):  # te: calibrate, then one forward with grad enabled updates the scales
+        for phase in ("calibrate", "update"):
+            b.phase = phase
+            model.prefill(ids, logits_for="last")
+        b.phase = "run"
+    else:
+        b.calibrating = True
+        model.prefill(ids, logits_for="last")
+        b.calibrating = False
 
 
 def resources() -> dict:
