@@ -66,7 +66,9 @@ def test_a_candidate_off_its_declared_recipe_is_caught_at_its_first_gemm(tiny_pa
     assert v.status == "fail" and (fd["layer"], fd["op"]) == (0, "q_proj") and fd["times_floor"] > replay.ALARM_FACTOR
 
 
-STAGE_B_FAULTS = [f for f in CATALOGUE if f.expected_stage == "B" and f.side == "candidate"]
+# per-batch-scale-ftz bites at the real model's massive activation (layer 2): tested on the default model below
+STAGE_B_FAULTS = [f for f in CATALOGUE if f.expected_stage == "B" and f.side == "candidate"
+                  and f.name != "per-batch-scale-ftz"]
 
 
 @pytest.mark.parametrize("fault", STAGE_B_FAULTS, ids=lambda f: f.name)
@@ -151,3 +153,11 @@ def test_the_detection_sweep_localizes_planted_errors_and_reports_a_limit(tiny_p
     assert ref_small.localized.all() and not fp8_small.localized.any()  # 0.1% is under the FP8 floor, not fp32's
     limits = detection_limits(trials).set_index(["candidate", "class"]).detection_limit
     assert limits["reference", "scale"] == 0.001 and limits["emulated-fp8:current", "offset"] == 0.05
+
+
+def test_a_per_batch_scale_is_pinned_where_the_massive_activation_sets_it(default_path, tmp_path):
+    """Real model: layer 2's ffn_down input holds the massive activation (565 at position 0); one scale for the
+    whole prefill batch flushes the other rows' small values. Decode (a batch of one row) stays clean."""
+    fault = next(f for f in CATALOGUE if f.name == "per-batch-scale-ftz")
+    v = stages.stage_b(bench(default_path, tmp_path, "emulated-fp8", fault.name), save_traces=False)[0]
+    assert v.status == "fail" and on_expected_paths(fault, v), v.numbers["first_by_path"]

@@ -46,11 +46,16 @@ CATALOGUE: tuple[Fault, ...] = (
     Fault("delayed-scaling-uncalibrated", "TE DelayedScaling under no_grad: scales stay 1.0", "FP8-NOTES pitfall",
           expected_stage="E", expected_layer=2, expected_op="ffn_out", recipe="delayed",
           backends=("emulated-fp8", "te"), fp8=True),
+    # a per-batch scale bites where one row of the batch dwarfs the others: layer 2's ffn_down input, where the
+    # massive activation (565 at position 0) sets the scale of the whole prefill batch and pushes the other rows'
+    # values into E4M3's subnormal range, which is flushed. A decode step is a batch of one row: nothing to see there.
     Fault("per-batch-scale-ftz", "one per-batch E4M3 scale with subnormals flushed to zero", "#3807",
-          expected_stage="E", expected_layer=0, expected_op="q_proj", backend_options={"granularity": "batch-ftz"},
-          backends=("emulated-fp8",), fp8=True),
-    Fault("fp16-gemm-output", "FP8 GEMM output stored as fp16 (overflow above 65504)", "#3728",
-          expected_stage="E", backend_options={"output_dtype": "fp16"}, backends=("emulated-fp8",), fp8=True),
+          expected_stage="B", expected_layer=2, expected_op="ffn_out", expected_path="prefill",
+          backend_options={"granularity": "batch-ftz"}, backends=("emulated-fp8",), fp8=True),
+    # fp16 storage only hurts above 65504; no GEMM output of Qwen2.5-Coder-0.5B comes near (#3728's 7B peaked at
+    # 85,807), and rounding to fp16 (2^-11) stays under the FP8 floor: on this model it must raise no alarm
+    Fault("fp16-gemm-output", "FP8 GEMM output stored as fp16 (harmless below 65504)", "#3728",
+          expected_stage="none", backend_options={"output_dtype": "fp16"}, backends=("emulated-fp8",), fp8=True),
     Fault("stale-activation-cache", "quantized activations cached by (pointer, count) reused across GEMMs", "#3727",
           expected_stage="B", expected_layer=0, expected_op="attn_out",
           backend_options={"stale_activation_cache": True}, backends=("emulated-fp8",), fp8=True),
