@@ -65,7 +65,8 @@ run-all: $(SETUP)
 		$(call arg,RECIPE,recipe) $(call arg,ACCUMULATE,accumulate) $(call arg,PROMPT,prompt) \
 		$(call arg,THRESHOLD,threshold) $(call arg,RUN_ID,run-id) $(call arg,FAULT,fault) \
 		$(call arg,MAX_PROMPTS,max-prompts) $(call arg,PATHS,paths) $(call arg,MAX_NEW_TOKENS,max-new-tokens) \
-		$(call arg,CAPSULE,capsule) $(call arg,CANDIDATE_TRACE,candidate-trace) $(call arg,ARCHIVE,archive)
+		$(call arg,CAPSULE,capsule) $(call arg,CANDIDATE_TRACE,candidate-trace) $(call arg,ARCHIVE,archive) \
+		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens)
 
 faults: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity faults --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,BACKEND,backend) \

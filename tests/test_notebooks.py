@@ -19,7 +19,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-
 
 
 def test_the_numbered_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -52,7 +52,8 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tiny_r
     index = (run / "index.html").read_text()
     assert index.count("<tr><td>") >= 6 and "data:image/png;base64," in index  # images embedded, opens from disk
     htmls = sorted(p.name for p in run.glob("0*.html"))
-    assert len(htmls) == 8 and all(h in index for h in htmls)
+    assert len(htmls) == 9 and all(h in index for h in htmls)
+    assert "mean KLD" in index  # notebook 09's headline numbers reach the index
     assert (run / "capsule_replay.png").is_file()
     assert list(run.glob("stage_b/*/layer_*_q_proj.json"))
     with tarfile.open(tmp_path / "ci.tar.gz") as tar:  # the reviewer archive: reports, figures, verdicts, JSON

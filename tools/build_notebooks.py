@@ -25,7 +25,9 @@ PATHS = {list(D.paths)!r}  # stage B judges these paths (production engines run 
 MAX_NEW_TOKENS = {D.max_new_tokens!r}  # stage F generation length
 CAPSULE = ""  # notebook 08: a real-weight capsule to replay; empty: build one from MODEL
 CANDIDATE_TRACE = ""  # notebook 02: judge this trace folder (.npy per tap, or ours) instead of running a candidate
-ARCHIVE = {D.archive!r}  # reviewer | full (full also keeps the reference's traces, which are recomputable)'''
+ARCHIVE = {D.archive!r}  # reviewer | full (full also keeps the reference's traces, which are recomputable)
+CORPUS = ""  # notebook 09: a UTF-8 text file; empty: Python standard library sources (offline everywhere)
+CORPUS_TOKENS = {D.corpus_tokens!r}  # notebook 09: corpus tokens judged (whole windows of 512)'''
 
 SETUP = '''import pandas as pd
 from IPython.display import Markdown, display
@@ -245,6 +247,9 @@ logits affine drift picture, and links to each stage's report.""",
           "if sweep is None:\n    print('no detection sweep yet: run `make faults`')\nelse:\n"
           "    from fp8parity.detection import detection_limits\n\n    plots.detection_curves(sweep)\n"
           "    display(detection_limits(sweep))"),
+     md("Distribution parity over the corpus (notebook 09, which runs before this summary): mean KLD and "
+        "same-top-p of the candidate, beside the fp64 oracle's floor."),
+     code("from fp8parity.runner import distribution_line\n\ndisplay(Markdown(distribution_line(Path(RUN_DIR))))"),
      code("links = ' · '.join(f'[{p.stem}]({p.name})' for p in sorted(Path(RUN_DIR).glob('0*.html')))\n"
           "display(Markdown('Reports: ' + (links or '(rendered by `make run-all`)')))\n"
           "wb.save_json('summary.json', {'verdicts': summary.to_dict('records'), 'provenance': wb.provenance()})"),
@@ -274,6 +279,43 @@ from `MODEL` (first and last layer).""",
           "+ d.gemm), 'name', ['rel_l2_vs_fp64'], 'capsule GEMMs on the candidate', 'relative L2 error vs fp64')\n"
           "fig.savefig(wb.run_dir / 'capsule_replay.png', dpi=110)"),
      ]),
+
+"09_distribution_parity": notebook(
+    "Distribution parity over a corpus — KLD, top-token agreement, Δp",
+    """**Question.** Over real text, how often does the candidate pick another token than the reference, and how
+far apart are the two next-token distributions? Stages A and F look at one prompt's last logits and one greedy
+answer; a user deciding whether an FP8 path is acceptable asks this instead, and compares the answer with
+llama.cpp's `llama-perplexity --kl-divergence`.
+
+**Measurement.** The corpus (`CORPUS`, default: Python standard library sources, available offline everywhere) is cut
+into windows of 512 tokens; each is one prefill on both sides and only its second half is scored, as llama.cpp
+does. Per scored position: KL(reference ‖ candidate), whether the top token agrees, Δp (the change in the
+probability of the reference's top token) and each side's negative log-likelihood. Statistics are accumulated
+window by window: no logits are kept. **The floor:** the same statistics for the fp64 oracle against the
+reference, over the first window. No pass rule: this notebook measures how far the candidate is, not whether
+an op is wrong (stage B does that).""",
+    [code("from fp8parity import distribution\n\nresult = distribution.distribution_parity(wb.reference, wb.candidate, "
+          "wb.oracle, wb.tok, CORPUS, CORPUS_TOKENS)\n"
+          "display(Markdown(f'corpus: {result.corpus}; **{result.tokens} tokens**, sha256 `{result.tokens_sha256[:16]}…`'))\n"
+          "result.table()"),
+     md("KLD per position on a log scale, Δp against the reference's confidence (a candidate that is merely less "
+        "sure sits below zero at high confidence), and KLD along the corpus."),
+     code("fig = plots.distribution(result.stats, 'candidate vs reference')\n"
+          "fig.savefig(wb.run_dir / 'distribution.png', dpi=110)"),
+     md("Where the candidate disagrees most: the positions with the largest KLD, with the text around them (the "
+        "scored token in [[brackets]])."),
+     code("ids = distribution.corpus_ids(wb.tok, distribution.load_corpus(CORPUS)[0], CORPUS_TOKENS)\n"
+          "top = pd.DataFrame(vars(result.stats)).nlargest(10, 'kld')\n"
+          "top['text'] = [distribution.context_text(wb.tok, ids, p) for p in top.position]\n"
+          "top[['position', 'kld', 'same_top', 'delta_p', 'p_ref_top', 'text']]"),
+     md("The sharper companion of stages A and F: where along the corpus does the candidate's greedy choice first "
+        "differ from the reference's?"),
+     code("first = result.first_greedy_difference\n"
+          "display(Markdown('no greedy difference anywhere on the corpus' if first is None else "
+          "f'first greedy difference at corpus position **{first}**: `{distribution.context_text(wb.tok, ids, first)}`'))\n"
+          "wb.save_json('distribution.json', result.to_dict() | {'provenance': wb.provenance()})"),
+     ]),
+
 }
 
 

@@ -77,7 +77,8 @@ def _cmd_run_all(a: argparse.Namespace) -> int:
     cfg = RunConfig.from_strings(model=a.model, backend=a.backend, recipe=a.recipe, accumulate=a.accumulate,
                                  prompts=a.prompt, threshold=a.threshold, paths=a.paths, max_prompts=a.max_prompts,
                                  max_new_tokens=a.max_new_tokens, fault=a.fault, run_id=a.run_id, capsule=a.capsule,
-                                 candidate_trace=a.candidate_trace, archive=a.archive)
+                                 candidate_trace=a.candidate_trace, archive=a.archive, corpus=a.corpus,
+                                 corpus_tokens=a.corpus_tokens)
     validate(cfg, need_model=False)  # every other parameter first: a typo costs no download
     if Path(cfg.model).resolve() == DEFAULT_MODEL and not DEFAULT_MODEL.is_file():
         fetch_default(DEFAULT_MODEL)
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("run-id", "the run folder's name"), ("capsule", "notebook 08: a capsule file to replay"),
                        ("candidate-trace", "notebook 02: judge this trace folder instead of running a candidate"),
                        ("archive", "reviewer (default) or full (a second archive with the traces)"),
+                       ("corpus", "notebook 09: a UTF-8 text file (default: stdlib sources)"),
+                       ("corpus-tokens", "notebook 09: how many corpus tokens"),
                        ("runs-dir", "where run folders go (default runs)"),
                        ("notebooks", "comma-separated notebook numbers (default: all)")):
         s.add_argument(f"--{flag}", default=None, help=what)

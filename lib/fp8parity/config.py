@@ -42,6 +42,8 @@ class RunConfig:
     capsule: str = ""  # notebook 08: a capsule file (default: build one from the model)
     candidate_trace: str = ""  # notebook 02: judge this trace folder instead of running a candidate
     archive: str = "reviewer"  # reviewer: reports, figures, verdicts; full: also a second archive with the traces
+    corpus: str = ""  # notebook 09: a UTF-8 text file (default: Python standard library sources)
+    corpus_tokens: int = 4096  # notebook 09: how many corpus tokens (whole windows of 512)
 
     @classmethod
     def from_strings(cls, **given: str | None) -> RunConfig:
@@ -69,11 +71,11 @@ def _parse(name: str, raw):
             return float(raw)
         except ValueError:
             raise WorkbookError(f"THRESHOLD={raw!r} is not a number; give a cosine in (0, 1], e.g. 0.99.") from None
-    if name in ("max_prompts", "max_new_tokens"):
+    if name in ("max_prompts", "max_new_tokens", "corpus_tokens"):
         try:
             return int(raw)
         except ValueError:
-            raise WorkbookError(f"{name.upper()}={raw!r} is not a whole number; give one ≥ 1.") from None
+            raise WorkbookError(f"{name.upper()}={raw!r} is not a whole number.") from None
     if name == "paths":
         return tuple(p.strip() for p in raw.split(","))
     if name == "prompts":
@@ -110,6 +112,10 @@ def validate(cfg: RunConfig, need_model: bool = True) -> None:
         raise WorkbookError(f"RUN_ID={cfg.run_id!r} may hold only letters, digits, '.', '_' and '-'.")
     if cfg.archive not in ARCHIVES:
         raise WorkbookError(f"ARCHIVE={cfg.archive!r} is unknown; choose reviewer or full.")
+    if cfg.corpus_tokens < 512:
+        raise WorkbookError(f"CORPUS_TOKENS={cfg.corpus_tokens} must be at least 512 (one window).")
+    if cfg.corpus and not Path(cfg.corpus).is_file():
+        raise WorkbookError(f"CORPUS={cfg.corpus!r} is not a file; give a UTF-8 text file, or leave CORPUS empty.")
     if cfg.capsule and not Path(cfg.capsule).is_file():
         raise WorkbookError(f"CAPSULE={cfg.capsule!r} is not a file; build one with benchmarks/capsule_replay.py "
                             f"build, or leave CAPSULE empty.")

@@ -187,3 +187,30 @@ def detection_curves(trials: pd.DataFrame) -> plt.Figure:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def distribution(stats, title: str = "") -> plt.Figure:
+    """KLD histogram (log bins), Δp against the reference's top-token probability, KLD along the corpus."""
+    kld = np.maximum(np.asarray(stats.kld), 1e-12)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.2))
+    a.hist(kld, bins=np.logspace(np.log10(kld.min()), np.log10(kld.max()) + 1e-9, 50), color="tab:blue")
+    a.set_xscale("log")
+    a.set_xlabel("KL(reference ‖ candidate), nats")
+    a.set_ylabel("positions")
+    a.set_title("KLD per scored position")
+    b.scatter(stats.p_ref_top, stats.delta_p, s=3, alpha=0.4, color="tab:purple")
+    b.axhline(0, color="gray", lw=1, ls=":")
+    b.set_xlabel("reference's top-token probability")
+    b.set_ylabel("Δp = p_cand(top) − p_ref(top)")
+    b.set_title("Δp against the reference's confidence")
+    c.plot(stats.position, kld, lw=0.5, color="tab:red")
+    c.set_yscale("log")
+    c.set_xlabel("corpus position (scored halves of each window)")
+    c.set_ylabel("KLD, nats")
+    c.set_title("KLD along the corpus")
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3, which="both")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -22,7 +22,8 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
 def list_notebooks(select: str = "") -> list[Path]:
-    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    """In execution order: by number, the summary last (it reads what every other notebook wrote)."""
+    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"), key=lambda p: ("summary" in p.stem, p.name))
     if select:
         wanted = {s.strip().zfill(2) for s in select.split(",") if s.strip()}
         found = [p for p in found if p.name[:2] in wanted]
@@ -64,7 +65,8 @@ def notebook_parameters(cfg: RunConfig, run: Path) -> dict:
             "RUN_DIR": str(run), "FAULT": cfg.fault, "PATHS": list(cfg.paths), "MAX_NEW_TOKENS": cfg.max_new_tokens,
             "CAPSULE": str(Path(cfg.capsule).resolve()) if cfg.capsule else "",
             "CANDIDATE_TRACE": str(Path(cfg.candidate_trace).resolve()) if cfg.candidate_trace else "",
-            "ARCHIVE": cfg.archive}
+            "ARCHIVE": cfg.archive, "CORPUS": str(Path(cfg.corpus).resolve()) if cfg.corpus else "",
+            "CORPUS_TOKENS": cfg.corpus_tokens}
 
 
 def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: bool = False) -> int:
@@ -128,6 +130,18 @@ def write_archive(run: Path, archive: Path, reviewer: bool) -> Path:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def distribution_line(run: Path) -> str:
+    """Mean KLD and same-top-p of the run's candidate, from notebook 09's distribution.json."""
+    f = run / "distribution.json"
+    if not f.is_file():
+        return "not run"
+    d = json.loads(f.read_text())
+    c, o = d["candidate"], d["oracle"] or {"mean_kld": float("nan"), "same_top_p": float("nan")}
+    return (f"mean KLD {c['mean_kld']:.3g} ± {c['mean_kld_err']:.2g} nats, same top p {c['same_top_p']:.2%} over "
+            f"{c['positions']} scored positions of {d['tokens']} corpus tokens (fp64 oracle floor: mean KLD "
+            f"{o['mean_kld']:.2g}, same top p {o['same_top_p']:.2%})")
 
 
 def _stage_of(notebook: str) -> str:
@@ -200,6 +214,7 @@ def write_index(run: Path, failed: list[str]) -> Path:
             ("card", (prov.get("machine") or {}).get("card") or "none (CPU only)"),
             ("run folder on disk", f"{folder_size(run) / 1e6:.0f} MB (traces included; the reviewer archive leaves "
                                    f"them out)"),
+            ("distribution parity (notebook 09)", distribution_line(run)),
             ("versions", json.dumps(prov.get("versions", {})))]
     others = "".join(f'<li><a href="{name}">{name}</a></li>' for name in reports.values())
     fails = f'<p style="color:#cf222e">Notebooks that failed to execute: {", ".join(failed)}</p>' if failed else ""
