@@ -19,7 +19,7 @@ arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint model inspect run-all faults judge-trace lab bench clean-venv tiny
+.PHONY: setup test lint model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
 
 # Setup only when RUN is the venv's python; with RUN=python the active environment is used as is.
 ifeq ($(RUN),$(VENV)/bin/python)
@@ -71,6 +71,11 @@ run-all: $(SETUP)
 faults: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity faults --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,BACKEND,backend) \
 		$(call arg,SWEEP,sweep)
+
+# notebook 09 for several candidates in one go (CANDIDATES=backend[:recipe],...; default: what this machine runs)
+distribution: $(SETUP) $(MODEL_DEP)
+	@$(RUN) -m fp8parity distribution --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,CANDIDATES,candidates) \
+		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens)
 
 judge-trace: $(SETUP)
 	@$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"

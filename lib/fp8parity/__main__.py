@@ -93,6 +93,17 @@ def _cmd_faults(a: argparse.Namespace) -> int:
     return run_fault_bench(model=a.model, backend=a.backend, runs_dir=a.runs_dir, only=a.only, sweep_candidates=sweep)
 
 
+def _cmd_distribution(a: argparse.Namespace) -> int:
+    import torch
+
+    from fp8parity import distribution
+
+    default = distribution.GPU_CANDIDATES if torch.cuda.is_available() else distribution.CPU_CANDIDATES
+    candidates = [c for c in (a.candidates or ",".join(default)).split(",") if c]
+    distribution.compare_backends(a.model, candidates, a.runs_dir, a.corpus or "", int(a.corpus_tokens or 4096))
+    return 0
+
+
 def _cmd_judge_trace(a: argparse.Namespace) -> int:
     from fp8parity import stages
     from fp8parity.workbench import Params, Workbench
@@ -154,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep", default="", help="detection-limit sweep candidates, backend[:recipe],... "
                    "(default: reference and emulated-fp8 with each recipe; 'none' skips the sweep)")
     s.set_defaults(fn=_cmd_faults)
+    s = sub.add_parser("distribution", help="notebook 09 for several candidates, one comparison table and figure")
+    s.add_argument("--model", required=True)
+    s.add_argument("--candidates", default="", help="backend[:recipe],... (default: every FP8 recipe this machine runs)")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--corpus", default="")
+    s.add_argument("--corpus-tokens", default="")
+    s.set_defaults(fn=_cmd_distribution)
     s = sub.add_parser("judge-trace", help="stage B's local check of a trace folder (ours or another engine's .npy)")
     s.add_argument("--model", required=True)
     s.add_argument("--trace", required=True, help="a folder of tensors.safetensors or p<pos>.L<layer>.<op>.npy files")

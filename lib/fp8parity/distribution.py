@@ -200,3 +200,49 @@ def context_text(tok, ids: list[int], position: int, before: int = 24, after: in
     tgt = tok.decode(ids[position + 1: position + 2])
     right = tok.decode(ids[position + 2: position + 2 + after])
     return f"{left}[[{tgt}]]{right}".replace("\n", "⏎")
+
+
+CPU_CANDIDATES = ("emulated-fp8:current", "emulated-fp8:delayed-calibrated", "emulated-fp8:rowwise", "emulated-fp8:block")
+GPU_CANDIDATES = ("bf16", "te:current", "te:delayed-calibrated", "te:block", "torch-fp8:current", "torch-fp8:rowwise",
+                  "emulated-fp8:current")
+
+
+def compare_backends(model: str, candidates: list[str], runs_dir: str = "runs", corpus: str = "",
+                     corpus_tokens: int = 4096) -> Path:
+    """`make distribution`: notebook 09 once per candidate, into one folder, then one comparison table and figure."""
+    import json
+    from datetime import datetime
+
+    import pandas as pd
+
+    from fp8parity.config import RunConfig, validate
+    from fp8parity.plots import bars
+    from fp8parity.runner import run_all
+
+    configs = []
+    for c in candidates:  # every candidate checked before anything runs
+        backend, _, recipe = c.partition(":")
+        cfg = RunConfig(model=model, backend=backend, recipe=recipe or "current", corpus=corpus,
+                        corpus_tokens=corpus_tokens, run_id=c.replace(":", "-"))
+        validate(cfg)
+        configs.append((c, cfg))
+    out = Path(runs_dir) / f"distribution-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True)
+    rows = []
+    for name, cfg in configs:
+        run_all(cfg, runs_dir=str(out), notebooks="09")
+        d = json.loads((out / cfg.run_id / "distribution.json").read_text())
+        c = d["candidate"]
+        rows.append({"candidate": name, "mean_kld": c["mean_kld"], "mean_kld_err": c["mean_kld_err"],
+                     "kld_p99": c["kld_percentiles"]["p99"], "kld_max": c["kld_percentiles"]["p100"],
+                     "same_top_p": c["same_top_p"], "delta_p_rms": c["delta_p_rms"], "ppl_ratio": c["ppl_ratio"],
+                     "oracle_mean_kld": (d["oracle"] or {}).get("mean_kld"), "tokens": d["tokens"],
+                     "first_greedy_difference": d["first_greedy_difference"]})
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "comparison.csv", index=False)
+    (out / "comparison.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    bars(df, "candidate", ["mean_kld"], "mean KLD against the reference over the corpus", "nats", log=True
+         ).savefig(out / "comparison.png", dpi=110)
+    print(df.to_markdown(index=False, floatfmt=".4g"))
+    print(f"comparison: {out / 'comparison.md'}")
+    return out
