@@ -237,7 +237,7 @@ class Qwen2Model:
     # --- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, ids: list[int], cache: KVCache | None = None, recorder: Recorder | None = None,
-                logits_for: str = "all", path: str = "prefill") -> torch.Tensor:
+                logits_for: str | slice = "all", path: str = "prefill") -> torch.Tensor:
         """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab).
 
         `path` names the engine path this call belongs to (prefill, or a decode step): faults may be tied to one."""
@@ -294,6 +294,8 @@ class Qwen2Model:
             x = tap("post_ffn_residual", L, x + d)
         if logits_for == "last":
             x, positions = x[-1:], positions[-1:]
+        elif isinstance(logits_for, slice):  # logits of some rows only (a scored half of a window)
+            x, positions = x[logits_for], positions[logits_for]
         h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small("output_norm.weight"), self.rms_eps))
         head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
         return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, self._w(head), None, "lm_head"))
@@ -305,7 +307,7 @@ class Qwen2Model:
         return attention(q, k, v, start, scale, self.options.softmax_fp16)
 
     # --- the two paths ------------------------------------------------------------------------------
-    def prefill(self, ids: list[int], recorder: Recorder | None = None, logits_for: str = "all",
+    def prefill(self, ids: list[int], recorder: Recorder | None = None, logits_for: str | slice = "all",
                 cache: KVCache | None = None) -> torch.Tensor:
         return self.forward(ids, cache=cache, recorder=recorder, logits_for=logits_for)
 

@@ -235,9 +235,16 @@ def fingerprint(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str,
     from fp8parity import twin
 
     layers = [L for L in layers if L < model.cfg.n_layers]
-    out = []
+    out, backends = [], {}
     for spec in twin.fingerprint_specs(input_scales):
-        rp = Replayer(model, twin.make_twin(spec, input_scales), spec.gemm_class)
+        # recipes that differ only in the bias share one backend (and its quantized weights)
+        key = (spec.arithmetic, spec.granularity)
+        if key not in backends:
+            backends[key] = twin.make_twin(spec, input_scales)
+        backend = backends[key]
+        if hasattr(backend, "bias_dtype"):
+            backend.bias_dtype = spec.bias
+        rp = Replayer(model, backend, spec.gemm_class)
         m = rp.replay(trace, path, prompt_ids, layers=layers, ops=tuple(GEMM_OPS))
         m = m[m.status == "measured"] if len(m) else m
         if m.empty:

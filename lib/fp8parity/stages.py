@@ -124,6 +124,7 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
     spec = candidate_twin(wb)
     collect, wb.backend.collect_stats = wb.backend.collect_stats, False  # statistics are stage E's, not B's
     tables, locals_, reports, found, spec_first, drift, rp, fp = [], [], {}, [], None, [], None, None
+    first_prefill: dict = {}  # the first prompt's prefill traces, reused for the judgment against fp64
     for i in tqdm(prompt_idx, desc="stage B prompts"):
         ids = wb.prompt_ids(i)
         wb.prepare_candidate(ids)
@@ -159,6 +160,8 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
                 found.append((i, path, lfd))
             if fp is None:
                 fp = replay.fingerprint(wb.reference, cand, path, ids, scales)
+            if path == "prefill" and not first_prefill:
+                first_prefill = {"reference": ref, "candidate": cand}
             for t in (table, local):
                 t.insert(0, "path", path)
                 t.insert(0, "prompt", i)
@@ -172,7 +175,7 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
                               "twin": metrics.rel_l2(twin_logits, ref_l)})
     wb.backend.collect_stats = collect
     table, local = pd.concat(tables, ignore_index=True), pd.concat(locals_, ignore_index=True)
-    oracle = judge_against_oracle(wb, wb.prompt_ids(prompt_idx[0]))
+    oracle = judge_against_oracle(wb, wb.prompt_ids(prompt_idx[0]), first_prefill)
     unmeasured = int((table.status == parity.UNMEASURED).sum()) + int((local.status == "UNMEASURED").sum())
     first = _first_in_order(found, paths)
     measured = local[local.status == "measured"]
@@ -217,9 +220,10 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
                    f"candidate's own inputs. {int(measured.beyond.sum())} (layer, op, position-worst) entries are beyond.")
     else:
         status = PASS
+        worst_text = ("every op is bit-identical to its twin" if worst.times_floor == 0 else
+                      f"worst {where} at {worst.times_floor:.2f}× its floor ({worst.path}, position {int(worst.position)})")
         summary = (f"no op beyond its noise floor ({factor:g}× the floor of its class) on {len(prompt_idx)} prompt(s) × "
-                   f"{len(paths)} path(s) against the twin ({spec.label()}); worst {where} at "
-                   f"{worst.times_floor:.2f}× its floor ({worst.path}, position {int(worst.position)}).")
+                   f"{len(paths)} path(s) against the twin ({spec.label()}); {worst_text}.")
         if drift_ratio > DRIFT_FACTOR:
             summary += (f" But the candidate drifts {drift_ratio:.1f}× further than its twin end to end although no op "
                         f"is locally beyond its floor: errors under the floor compound — look at the ops nearest it.")
@@ -275,18 +279,21 @@ def stage_b_from_trace(wb: Workbench, folder: str | Path, factor: float = replay
     return v, local, fp
 
 
-def judge_against_oracle(wb: Workbench, ids: list[int]) -> dict:
+def judge_against_oracle(wb: Workbench, ids: list[int], traces: dict | None = None) -> dict:
     """Reference and candidate each compared to the fp64 oracle (prefill, all taps).
 
     The reference is held to REFERENCE_BAR (it must be beyond doubt), the candidate to the run's threshold.
     The reference is the outlier when it fails its bar at a tap where the candidate is closer to fp64.
+    `traces` are both sides' prefill traces of `ids` where the caller has them already.
     """
     th = wb.params.threshold
     oracle = record(wb.oracle, ids, "prefill")
+    traces = traces or {}
     out, tables = {}, {}
     for side, model in (("reference", wb.reference), ("candidate", wb.candidate)):
         bar = REFERENCE_BAR if side == "reference" else th
-        table = tables[side] = parity.per_stage(parity.compare_traces(oracle, record(model, ids, "prefill"), bar))
+        trace = traces.get(side) or record(model, ids, "prefill")
+        table = tables[side] = parity.per_stage(parity.compare_traces(oracle, trace, bar))
         fd = parity.first_divergence(table, bar)
         out[f"{side}_first_divergence"] = None if fd is None else fd.__dict__
         out[f"{side}_first_divergence_text"] = None if fd is None else str(fd)
