@@ -75,3 +75,25 @@ def test_fnv1a64_reference_vectors():
         h = ((h ^ byte) * 0x100000001B3) & (2**64 - 1)
     assert metrics.fnv1a64(one) == f"{h:016x}"
     assert metrics.fnv1a64(torch.tensor([1.0])) != metrics.fnv1a64(torch.tensor([1.0000001]))
+
+
+def test_the_batched_row_metrics_equal_the_row_by_row_ones():
+    import math
+
+    import torch
+
+    from fp8parity.metrics import row_metrics, row_metrics_batch
+
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(6, 40, generator=g)
+    cand = ref + 1e-3 * torch.randn(6, 40, generator=g)
+    cand[1] = ref[1]  # identical row: sqnr inf
+    cand[2] = 0.0  # zero candidate: cosine 0
+    cand[3, 5] = float("nan")  # NaN: cosine NaN
+    ref[4], cand[4] = 0.0, 0.0  # both zero
+    batch = row_metrics_batch(cand, ref)
+    for i in range(6):
+        one = row_metrics(cand[i], ref[i])
+        for name, value in one.items():
+            got = batch[name][i]
+            assert (math.isnan(value) and math.isnan(got)) or got == pytest.approx(value, rel=1e-12, abs=1e-300), (i, name)

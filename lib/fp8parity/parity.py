@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from fp8parity.config import DEFAULT_THRESHOLD  # noqa: E402
-from fp8parity.metrics import row_metrics
+from fp8parity.metrics import row_metrics_batch
 from fp8parity.taps import TapKey, forward_order
 
 MEASURED, UNMEASURED = "measured", "UNMEASURED"
@@ -20,17 +20,26 @@ MEASURED, UNMEASURED = "measured", "UNMEASURED"
 
 def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey, torch.Tensor],
                    threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """One row per tap on either side, in forward order."""
+    """One row per tap on either side, in forward order (metrics computed a (layer, stage) at a time)."""
+    keys = sorted(set(reference) | set(candidate), key=lambda k: (forward_order(k[2], k[1]), k[0]))
+    groups: dict[tuple[int, str], list[TapKey]] = {}
+    for k in keys:
+        groups.setdefault((k[1], k[2]), []).append(k)
     rows = []
-    for key in sorted(set(reference) | set(candidate), key=lambda k: (forward_order(k[2], k[1]), k[0])):
-        pos, layer, stage = key
-        row = {"position": pos, "layer": layer, "stage": stage}
-        if key in reference and key in candidate:
-            row |= {"status": MEASURED} | row_metrics(candidate[key], reference[key])
-            row["passed"] = bool(row["cosine"] >= threshold)  # NaN compares False: never passes
-        else:
-            row |= {"status": UNMEASURED, "passed": None, "missing_on": "candidate" if key in reference else "reference"}
-        rows.append(row)
+    for (layer, stage), ks in groups.items():
+        both = [k for k in ks if k in reference and k in candidate]
+        m = row_metrics_batch(torch.stack([candidate[k].reshape(-1) for k in both]),
+                              torch.stack([reference[k].reshape(-1) for k in both])) if both else {}
+        at = {k: i for i, k in enumerate(both)}
+        for k in ks:
+            row = {"position": k[0], "layer": layer, "stage": stage}
+            if k in at:
+                i = at[k]
+                row |= {"status": MEASURED} | {name: (int(v[i]) if name == "ulp_max" else float(v[i])) for name, v in m.items()}
+                row["passed"] = bool(row["cosine"] >= threshold)  # NaN compares False: never passes
+            else:
+                row |= {"status": UNMEASURED, "passed": None, "missing_on": "candidate" if k in reference else "reference"}
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

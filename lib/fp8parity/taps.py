@@ -71,7 +71,8 @@ class Recorder:
         """x: (T, ...) activations of the T tokens at `positions`; each row is stored flattened."""
         if not self.wants(stage, layer):
             return
-        rows = x.detach().reshape(x.shape[0], -1)
+        # one private float32 copy of the batch (the forward may reuse its buffers), each row a view into it
+        rows = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float32, copy=True)
         for i, pos in enumerate(positions):
             if self.positions is None or pos in self.positions:
-                self.tensors[(pos, layer, stage)] = rows[i].to("cpu", torch.float32).clone()
+                self.tensors[(pos, layer, stage)] = rows[i]

@@ -68,7 +68,7 @@ def save_trace(folder: Path, tensors: dict[TapKey, torch.Tensor], meta: dict) ->
     if folder.exists() and any(folder.iterdir()):
         raise WorkbookError(f"trace folder {folder} already exists and is not empty; traces are never overwritten.")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({key_str(k): v.contiguous().to(torch.float32) for k, v in tensors.items()},
+    save_file({key_str(k): v.to(torch.float32).clone() for k, v in tensors.items()},  # rows may share a batch
               str(folder / "tensors.safetensors"))
     full = {"versions": versions(), "machine": machine()} | meta
     (folder / "meta.json").write_text(json.dumps(full, indent=2, default=str))
