@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fp8parity.errors import WorkbookError
+from fp8parity.workbench import calibrate
 
 # Real text and code on every machine, offline: the Python standard library's own sources and docstrings.
 CORPUS_MODULES = ("textwrap", "fractions", "heapq", "bisect", "shlex", "colorsys", "string", "calendar")
@@ -192,8 +193,6 @@ def distribution_parity(reference, candidate, oracle, tok, corpus: str = "", n_t
     (fp64 is several times slower than the whole candidate pass on a CPU: the floor needs only its size)."""
     text, what = load_corpus(corpus)
     ids = corpus_ids(tok, text, n_tokens, n_ctx)
-    from fp8parity.workbench import calibrate
-
     calibrate(candidate, ids[:n_ctx])  # delayed-calibrated: scales from the first window's amax; others: nothing
     stats = measure(reference, candidate, ids, n_ctx, desc="candidate windows")
     floor = measure(reference, oracle, ids[: n_ctx * oracle_windows], n_ctx, desc="fp64 oracle windows")
