@@ -14,6 +14,7 @@ from fp8parity import replay, stages, twin
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.config import DEFAULT_PROMPTS
 from fp8parity.detection import detection_limits, sweep
+from fp8parity.errors import WorkbookError
 from fp8parity.fault_bench import on_expected_paths
 from fp8parity.faults import CATALOGUE
 from fp8parity.qwen2 import Qwen2Model
@@ -141,6 +142,10 @@ def test_a_foreign_npy_trace_is_fingerprinted_and_judged_through_the_same_replay
     dump_npy(tr, tmp_path / "noids")
     v, local, _ = stages.stage_b_from_trace(wb, tmp_path / "noids")
     assert v.status == "pass" and (local[local.op == "embedding"].status == "UNMEASURED").all()
+    # a tap of another model's width is refused in one sentence
+    dump_npy(tr | {(0, 1, "q_proj"): tr[(0, 1, "q_proj")][:-8]}, tmp_path / "other")
+    with pytest.raises(WorkbookError, match="was the trace made with this model"):
+        stages.stage_b_from_trace(wb, tmp_path / "other")
 
 
 def test_the_detection_sweep_localizes_planted_errors_and_reports_a_limit(tiny_path):

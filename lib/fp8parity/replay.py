@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fp8parity.errors import WorkbookError
 from fp8parity.qwen2 import Qwen2Model, apply_rope, attention, rms_norm, rope_tables
 from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LAYER_STAGES, LINEAR_OPS, LOGITS, TapKey, forward_order
 
@@ -64,6 +65,21 @@ FLOORS: dict[str, Floor] = {
                            f"accumulation reaches 3.6e-3"),
 }
 ALARM_FACTOR = 4.0  # an op diverges when its local error is more than this many times its class's floor
+
+
+def check_widths(trace: dict[TapKey, torch.Tensor], cfg) -> None:
+    """Every tap as wide as the model says (a trace of another model, or a wrong op name, fails in one sentence)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    width = dict.fromkeys(LAYER_STAGES, cfg.hidden) | {"q_proj": q, "q_post_rope": q, "attention": q, "k_proj": kv,
+                                                        "v_proj": kv, "k_post_rope": kv, "ffn_gate": cfg.ffn,
+                                                        "ffn_up": cfg.ffn, "ffn_swiglu": cfg.ffn}
+    width |= {EMBEDDING: cfg.hidden, FINAL_NORM: cfg.hidden, LOGITS: cfg.vocab}
+    for (pos, layer, op), t in trace.items():
+        if op not in width:
+            raise WorkbookError(f"trace tap p{pos}.L{layer}.{op} names no op of the forward; ops: {', '.join(width)}.")
+        if t.numel() != width[op] or layer >= cfg.n_layers:
+            raise WorkbookError(f"trace tap p{pos}.L{layer}.{op} holds {t.numel()} values where {cfg.name} has "
+                                f"{width[op]} (and {cfg.n_layers} layers): was the trace made with this model?")
 
 
 def groups(path: str, positions: list[int]) -> list[list[int]]:
@@ -251,6 +267,8 @@ def fingerprint(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str,
             continue
         out.append({"recipe": spec.label(accumulation=False), "mean_local_error": float(m.rel_l2.mean()),
                     "max_local_error": float(m.rel_l2.max()), "gemm_rows": len(m), "spec": spec.to_dict()})
+    if not out:
+        return pd.DataFrame(columns=["recipe", "mean_local_error", "max_local_error", "gemm_rows", "spec"])
     return pd.DataFrame(out).sort_values(["mean_local_error", "max_local_error"]).reset_index(drop=True)
 
 

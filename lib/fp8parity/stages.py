@@ -252,7 +252,11 @@ def stage_b_from_trace(wb: Workbench, folder: str | Path, factor: float = replay
         raise WorkbookError(f"trace {folder} names path {path!r}; meta.json 'path' must be prefill or decode.")
     ids = meta.get("prompt_ids")
     scales = meta.get("input_scales") or None
+    replay.check_widths(tensors, wb.gguf.config)
     fp = replay.fingerprint(wb.reference, tensors, path, ids, scales)
+    if not meta.get("twin") and fp.empty:
+        raise WorkbookError(f"trace {folder} holds no GEMM of layers {replay.FINGERPRINT_LAYERS} with its input, so "
+                            f"no recipe can be fingerprinted; name the twin in its meta.json ('twin').")
     spec = twin.TwinSpec(**meta["twin"]) if meta.get("twin") else twin.TwinSpec(**fp.iloc[0].spec)
     rp = replay.Replayer(wb.reference, twin.make_twin(spec, scales), spec.gemm_class)
     local = replay.local_table(rp.replay(tensors, path, ids), factor)
