@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -135,9 +136,7 @@ class Replayer:
         """The twin's output of `op` at positions `ps` (one forward), from the candidate's traced inputs."""
         cfg, m, dt = self.cfg, self.model, self.dtype
         hd, T = cfg.head_dim, len(ps)
-
-        def _rows(tr_, op_, layer_, ps_):
-            return _rows_of(tr_, op_, layer_, ps_, dt)
+        _rows = partial(_rows_of, dtype=dt)
 
         prev = (EMBEDDING, GLOBAL_LAYER) if layer == 0 else ("post_ffn_residual", layer - 1)
         if op == EMBEDDING:
@@ -224,6 +223,12 @@ def local_table(rows: pd.DataFrame, factor: float = ALARM_FACTOR) -> pd.DataFram
     df = pd.DataFrame(out)
     df["order"] = [forward_order(op, L) for L, op in zip(df.layer, df.op, strict=True)]
     return df.sort_values("order").drop(columns="order").reset_index(drop=True)
+
+
+def worst_row(table: pd.DataFrame) -> pd.Series:
+    """The measured (layer, op) of a local table nearest its alarm: the largest multiple of its floor (NaN first)."""
+    measured = table[table.status == "measured"]
+    return measured.loc[measured.times_floor.fillna(math.inf).idxmax()]
 
 
 def first_beyond(table: pd.DataFrame) -> dict | None:

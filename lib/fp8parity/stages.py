@@ -178,8 +178,9 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
     oracle = judge_against_oracle(wb, wb.prompt_ids(prompt_idx[0]), first_prefill)
     unmeasured = int((table.status == parity.UNMEASURED).sum()) + int((local.status == "UNMEASURED").sum())
     first = _first_in_order(found, paths)
+    first_by_path = {p: _first_in_order([f for f in found if f[1] == p], paths) for p in paths}
     measured = local[local.status == "measured"]
-    worst = measured.loc[measured.times_floor.fillna(math.inf).idxmax()]
+    worst = replay.worst_row(local)
     cand_drift = max(d["candidate"] for d in drift) if drift else math.nan
     twin_drift = max(d["twin"] for d in drift) if drift else math.nan
     drift_ratio = cand_drift / twin_drift if twin_drift > 0 else (1.0 if cand_drift == 0 else math.inf)
@@ -188,8 +189,7 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
         "floors": {k: {"rel_l2": f.rel_l2, "source": f.source} for k, f in rp.floors.items()},
         "twin": spec.to_dict() | {"label": spec.label()}, "paths": list(paths), "prompts": prompt_idx,
         "first_beyond_floor": None if first is None else {"prompt": first[0], "path": first[1]} | first[2],
-        "first_by_path": {p: (lambda f: None if f is None else {"prompt": f[0]} | f[2])(
-            _first_in_order([f for f in found if f[1] == p], paths)) for p in paths},
+        "first_by_path": {p: None if f is None else {"prompt": f[0]} | f[2] for p, f in first_by_path.items()},
         "ops_beyond_floor": int(measured.beyond.sum()),
         "worst": {"layer": int(worst.layer), "op": worst.op, "path": worst.path, "prompt": int(worst.prompt),
                   "position": int(worst.position), "rel_l2": float(worst.rel_l2), "times_floor": float(worst.times_floor)},
@@ -217,7 +217,8 @@ def stage_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = None
         status = FAIL
         summary = (f"first op beyond its noise floor: {replay.describe_where(first[2], first[1])}, prompt {first[0]} — "
                    f"the op itself computes differently from a correct {spec.label()} implementation on the "
-                   f"candidate's own inputs. {int(measured.beyond.sum())} (layer, op, position-worst) entries are beyond.")
+                   f"candidate's own inputs. {int(measured.beyond.sum())} (layer, op) entries over all prompts and paths "
+                   f"are beyond their floor.")
     else:
         status = PASS
         worst_text = ("every op is bit-identical to its twin" if worst.times_floor == 0 else
@@ -263,8 +264,7 @@ def stage_b_from_trace(wb: Workbench, folder: str | Path, factor: float = replay
     local.insert(0, "path", path)
     local.insert(0, "prompt", 0)
     first = replay.first_beyond(local)
-    measured = local[local.status == "measured"]
-    worst = measured.loc[measured.times_floor.fillna(math.inf).idxmax()]
+    worst = replay.worst_row(local)
     unmeasured = int((local.status == "UNMEASURED").sum())
     numbers = {"trace": str(folder), "path": path, "twin": spec.to_dict() | {"label": spec.label()},
                "twin_from": "meta.json" if meta.get("twin") else "fingerprint",
