@@ -19,7 +19,7 @@ arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
+.PHONY: setup test lint notebooks model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
 
 # Setup only when RUN is the venv's python; with RUN=python the active environment is used as is.
 ifeq ($(RUN),$(VENV)/bin/python)
@@ -37,11 +37,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: $(SETUP)
-	$(RUN) -m ruff check lib tests benchmarks
+	$(RUN) -m ruff check lib tests benchmarks notebooks
 	$(RUN) -m pytest -q tests
 
 lint: $(SETUP)
-	$(RUN) -m ruff check lib tests benchmarks
+	$(RUN) -m ruff check lib tests benchmarks notebooks
+
+# after editing a notebooks/NN_*.py in an editor: write its paired .ipynb (JupyterLab through `make lab` keeps both)
+notebooks: $(SETUP)
+	$(RUN) -m jupytext --sync notebooks/[0-9][0-9]_*.py
 
 $(DEFAULT_MODEL): | $(SETUP)
 	$(RUN) -m fp8parity model --dest $@
@@ -80,8 +84,9 @@ distribution: $(SETUP) $(MODEL_DEP)
 judge-trace: $(SETUP)
 	@$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"
 
+# JupyterLab saves through jupytext's contents manager: an edit in a notebook lands in its .py source too
 lab: $(SETUP)
-	$(RUN) -m jupyter lab notebooks
+	$(RUN) -m jupyter lab --ServerApp.contents_manager_class=jupytext.TextFileContentsManager notebooks
 
 bench: $(SETUP) $(DEFAULT_MODEL)
 	$(RUN) benchmarks/dequant_bench.py --model "$(MODEL)"

@@ -7,21 +7,29 @@ from __future__ import annotations
 import pytest
 
 from fp8parity import stages
+from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.fault_bench import new_alarms
 from fp8parity.faults import CATALOGUE, get_fault
-from fp8parity.workbench import Params, Workbench
+from fp8parity.workbench import Workbench
 
 
 def bench(tiny_path, tmp_path, fault: str, backend: str = "reference") -> Workbench:
-    return Workbench(Params(model=str(tiny_path), backend=backend, fault=fault, run_dir=str(tmp_path / fault)))
+    return Workbench(RunConfig(model=str(tiny_path), backend=backend, fault=fault, max_prompts=1), tmp_path / fault)
 
 
 def cascade(wb: Workbench) -> dict[str, stages.Verdict]:
-    return {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, save_traces=False)[0],
-            "C": stages.stage_c(wb)[0], "D": stages.stage_d(wb)[0],
-            "E": stages.stage_e(wb, layers=[0, 1], synthetic_batches=(16,))[0],
-            "F": stages.stage_f(wb, runs=2, max_new_tokens=6)[0]}
+    """Every stage measured and judged with its default rule, as the notebooks and the fault bench do."""
+    return {"A": stages.judge_a(stages.measure_a(wb, runs=2), stages.ReproducerRule()),
+            "B": judge_b(wb),
+            "C": stages.judge_c(stages.measure_c(wb), stages.EmbeddingRule()),
+            "D": stages.judge_d(stages.measure_d(wb), stages.RMSNormRule()),
+            "E": stages.judge_e(stages.measure_e(wb, layers=[0, 1], synthetic_batches=(16,)), stages.MatmulRule()),
+            "F": stages.judge_f(stages.measure_f(wb, runs=2, max_new_tokens=6), stages.GoldenRule())}
+
+
+def judge_b(wb: Workbench, **measure) -> stages.ParityVerdict:
+    return stages.judge_b(stages.measure_b(wb, save_traces=False, **measure), stages.ParityRule())
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,8 @@ def clean(tiny_path, tmp_path_factory):
 
 def test_clean_bit_exact_candidate_raises_no_alarm(clean):
     assert {s: v.status for s, v in clean.items()} == dict.fromkeys("ABCDEF", "pass")
-    assert clean["A"].numbers["exit_code"] == 0 and clean["A"].numbers["deterministic"]
-    assert clean["A"].numbers["affine"]["slope"] == pytest.approx(1.0)
+    assert clean["A"].exit_code == 0 and clean["A"].deterministic
+    assert clean["A"].affine["slope"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("fault,stage,where", [
@@ -46,38 +54,39 @@ def test_model_path_faults_are_localized(tiny_path, tmp_path, clean, fault, stag
     alarms = new_alarms(v, clean)
     assert stage in alarms, (fault, alarms)
     if where is not None:
-        fd = v["B"].numbers["first_beyond_floor"]
+        fd = v["B"].first_beyond_floor
         assert (fd["layer"], fd["op"]) == where
 
 
 def test_corrupted_reference_is_named_the_outlier(tiny_path, tmp_path):
     wb = bench(tiny_path, tmp_path, "reference-q8k-activations")
-    v = stages.stage_b(wb, paths=("prefill",), save_traces=False)[0]
-    assert v.status == "fail" and v.numbers["reference_is_outlier"]
+    v = judge_b(wb, paths=("prefill",))
+    assert v.status == "fail" and v.reference_is_outlier
     assert "REFERENCE is the outlier" in v.summary
 
 
 def test_stale_activation_cache_is_pinned_to_layer0_attn_out(tiny_path, tmp_path):
     wb = bench(tiny_path, tmp_path, "stale-activation-cache", backend="emulated-fp8")
-    v = stages.stage_b(wb, save_traces=False)[0]
+    v = judge_b(wb)
     for path in ("prefill", "decode"):
-        fd = v.numbers["first_by_path"][path]
+        fd = v.first_by_path[path]
         assert (fd["layer"], fd["op"]) == (0, "attn_out") and fd["cosine"] < 0.5, path
 
 
 def test_delayed_scaling_at_scale_one_fails_stage_e(tiny_path, tmp_path):
     wb = bench(tiny_path, tmp_path, "delayed-scaling-uncalibrated", backend="emulated-fp8")
-    clean_fp8 = stages.stage_e(bench(tiny_path, tmp_path / "c", "none", "emulated-fp8"), layers=[0])[0]
-    v = stages.stage_e(wb, layers=[0], synthetic_batches=())[0]
+    rule = stages.MatmulRule()
+    clean_fp8 = stages.judge_e(stages.measure_e(bench(tiny_path, tmp_path / "c", "none", "emulated-fp8"), layers=[0]), rule)
+    v = stages.judge_e(stages.measure_e(wb, layers=[0], synthetic_batches=()), rule)
     assert clean_fp8.status == "pass"
-    assert v.numbers["candidate_rel_l2"] > clean_fp8.numbers["candidate_rel_l2"]
+    assert v.candidate_rel_l2 > clean_fp8.candidate_rel_l2
 
 
 def test_stage_f_without_stop_tokens_runs_to_the_limit(tiny_path, tmp_path):
     wb = bench(tiny_path, tmp_path, "missing-stop-tokens")
-    v = stages.stage_f(wb, runs=1, max_new_tokens=5)[0]
-    assert v.numbers["stop_tokens_used"] is False
-    assert v.numbers["without_stop_tokens"]["stop_reason"] == "max_new_tokens"
+    v = stages.judge_f(stages.measure_f(wb, runs=1, max_new_tokens=5), stages.GoldenRule())
+    assert v.stop_tokens_used is False
+    assert v.without_stop_tokens["stop_reason"] == "max_new_tokens"
 
 
 def test_every_fault_names_its_class_stage_and_reference():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fp8parity import distribution
-from fp8parity.workbench import Params, Workbench
+from fp8parity.config import RunConfig
+from fp8parity.workbench import Workbench
 
 
 def stats_of(ref_logits, cand_logits, next_ids) -> distribution.PositionStats:
@@ -55,7 +56,7 @@ def test_windows_score_the_second_half_of_each():
 
 
 def run(model_path, tmp_path, backend, fault, n_tokens=1024, oracle_windows=1):
-    wb = Workbench(Params(model=str(model_path), backend=backend, fault=fault, run_dir=str(tmp_path / fault)))
+    wb = Workbench(RunConfig(model=str(model_path), backend=backend, fault=fault, max_prompts=1), tmp_path / fault)
     return distribution.distribution_parity(wb.reference, wb.candidate, wb.oracle, wb.tok, "", n_tokens,
                                             oracle_windows=oracle_windows)
 

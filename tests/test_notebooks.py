@@ -1,4 +1,6 @@
-"""Notebooks are stored clean and thin, and the whole workbook runs headless under papermill (tiny model)."""
+"""Notebooks: jupytext sources paired with output-free .ipynb files, each declaring its own parameters; the whole
+workbook runs headless under papermill (tiny model) with its defaults and with other values; reports open in a real
+browser."""
 
 from __future__ import annotations
 
@@ -6,20 +8,23 @@ import json
 import os
 import shutil
 import tarfile
-from pathlib import Path
 
+import jupytext
 import nbformat
+import papermill as pm
 import pytest
 
 from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
-from fp8parity.runner import run_all
+from fp8parity.runner import NOTEBOOK_DIR, declared, run_all
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+WORKBENCH_PARAMS = {"MODEL", "BACKEND", "RECIPE", "ACCUMULATE", "PROMPTS", "THRESHOLD", "FAULT", "RUN_DIR"}
 
 
-def test_the_numbered_notebooks():
+def test_the_numbered_notebooks_each_with_its_jupytext_source():
     assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")) == [p.stem for p in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -29,7 +34,46 @@ def test_stored_without_outputs_with_a_parameters_cell(path):
     assert all(not c.outputs and c.execution_count is None for c in code)
     assert "parameters" in code[0].metadata.get("tags", [])
     assert nb.cells[0].cell_type == "markdown" and len(nb.cells[0].source) > 100  # says what is tested and why
-    assert max(len(c.source.splitlines()) for c in code[1:]) <= 12  # thin: logic lives in lib/
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_each_pair_is_in_sync(path):
+    """The .ipynb holds exactly the cells of its .py source (`make notebooks` re-pairs them after an editor edit)."""
+    source = jupytext.read(path.with_suffix(".py"))
+    stored = nbformat.read(path, as_version=4)
+    assert stored.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+    assert [(c.cell_type, c.source) for c in stored.cells] == [(c.cell_type, c.source) for c in source.cells], (
+        f"{path.name} is out of sync with its .py: run `make notebooks`")
+    assert [c.metadata.get("tags", []) for c in stored.cells] == [c.metadata.get("tags", []) for c in source.cells]
+
+
+def test_a_jupyterlab_edit_of_the_pass_rule_lands_in_the_py_source(tmp_path):
+    """The round trip `make lab` makes: JupyterLab saves through jupytext's contents manager, which writes the pair."""
+    for p in NOTEBOOK_DIR.glob("02_*"):
+        shutil.copy(p, tmp_path / p.name)
+    cm = jupytext.TextFileContentsManager(root_dir=str(tmp_path))
+    model = cm.get("02_stage_b_per_layer.ipynb")
+    rule = [c for c in model["content"].cells if "stages.ParityRule(factor=replay.ALARM_FACTOR" in c.source]
+    assert len(rule) == 1  # the pass rule is one cell a reader can change
+    rule[0].source = rule[0].source.replace("factor=replay.ALARM_FACTOR", "factor=3.0")
+    cm.save(model, "02_stage_b_per_layer.ipynb")
+    py = (tmp_path / "02_stage_b_per_layer.py").read_text()
+    assert "rule = stages.ParityRule(factor=3.0, threshold=THRESHOLD)" in py
+    assert "factor=replay.ALARM_FACTOR" not in py
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_declares_what_it_uses_and_gets_only_that(path):
+    names = set(pm.inspect_notebook(str(path)))
+    everything = {k: "x" for k in (*WORKBENCH_PARAMS, "PATHS", "CAPSULE", "CORPUS", "CORPUS_TOKENS", "MAX_NEW_TOKENS",
+                                   "CANDIDATE_TRACE", "ARCHIVE")}
+    sent = declared(path, everything)
+    assert set(sent) <= names
+    if path.stem == "07_summary":
+        assert names == {"RUN_DIR"}  # it reads the run folder and opens no model
+    else:
+        assert WORKBENCH_PARAMS <= names
+    assert ("PATHS" in sent) == path.stem.startswith("02") and ("CORPUS" in sent) == path.stem.startswith("09")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +110,31 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tiny_r
     assert "run folder on disk" in index
     with pytest.raises(WorkbookError, match="never overwrite"):
         run_all(RunConfig(model=str(tiny_path), run_id="ci"), runs_dir=str(tmp_path))
+
+
+OTHER_VALUES = {"BACKEND": "emulated-fp8", "RECIPE": "rowwise", "THRESHOLD": 0.995, "PROMPTS": ["Say hi."],
+                "PATHS": ["decode"], "DRILL_LAYER": 1, "DRILL_POSITION": 2, "DRILL_PATH": "decode", "RUNS": 2,
+                "MAX_NEW_TOKENS": 6, "CORPUS_TOKENS": 512}
+
+
+def test_every_notebook_runs_with_other_values_than_its_defaults(tiny_path, tmp_path):
+    """Another recipe, threshold, prompt and a single path; the drill-downs at another layer, position and op."""
+    run = tmp_path / "run"
+    for nb in sorted(NOTEBOOKS, key=lambda p: "summary" in p.stem):  # the summary reads what the others wrote
+        params = OTHER_VALUES | {"MODEL": str(tiny_path), "RUN_DIR": str(run),
+                                 "DRILL_OP": "v_proj" if nb.stem.startswith("05") else "ffn_up"}
+        pm.execute_notebook(str(nb), str(tmp_path / nb.name), parameters=declared(nb, params), cwd=str(NOTEBOOK_DIR),
+                            kernel_name="python3", progress_bar=False)
+    b = json.loads((run / "verdicts" / "stage_B.json").read_text())
+    assert b["numbers"]["paths"] == ["decode"] and b["numbers"]["spec_rule"]["threshold"] == 0.995
+    assert b["provenance"]["backend"]["granularity"] == "rowwise" and b["provenance"]["prompts"] == ["Say hi."]
+    assert json.loads((run / "verdicts" / "stage_E.json").read_text())["numbers"]["threshold"] == 0.995
+    out = {nb.stem[:2]: nbformat.read(tmp_path / nb.name, as_version=4) for nb in NOTEBOOKS}
+    text = {k: json.dumps([c.get("outputs", []) for c in v.cells]) for k, v in out.items()}
+    assert "ffn_up of layer 1 at position 2 (decode)" in text["02"]
+    assert "attn_norm of layer 1 at position 2 (prefill)" in text["04"]
+    assert "v_proj of layer 1 at position 2 (prefill)" in text["05"]
+    assert (run / "summary.json").is_file()
 
 
 def test_bad_model_fails_before_a_run_folder_exists(tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -86,5 +88,20 @@ def test_the_defaults_are_defined_once():
     makefile = (REPO / "Makefile").read_text()
     for default in ("What is 2+2?", "0.99", "prefill,decode"):
         assert default not in makefile
-    builder = (REPO / "tools" / "build_notebooks.py").read_text()
-    assert "What is 2+2?" not in builder and "0.99  #" not in builder
+
+
+def test_no_default_of_the_configuration_is_restated_as_a_literal():
+    """Every RunConfig default is defined once, in config.py: no other parameter default (`recipe: str = "current"`),
+    notebook parameter (`THRESHOLD = 0.99`) or default prompt elsewhere repeats it."""
+    cfg = RunConfig()
+    names = {f.name: getattr(cfg, f.name) for f in fields(RunConfig) if not isinstance(getattr(cfg, f.name), tuple)}
+    names |= {"n_tokens": cfg.corpus_tokens}  # the same quantity under another name
+    value = {n: re.escape(repr(v)) + r"(?![\w.])" for n, v in names.items() if v != ""}
+    alternatives = "|".join(rf"{n}\s*:\s*[\w| ]+\s*=\s*{v}|{n.upper()}\s*=\s*{v}" for n, v in value.items())
+    pattern = re.compile(rf"\b({alternatives})".replace("'", "[\"']"))
+    files = [p for p in (REPO / "lib").rglob("*.py") if p.name != "config.py"] + sorted((REPO / "notebooks").glob("*.py"))
+    restated = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
+                for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    restated += [f"{p.relative_to(REPO)}: a default prompt" for p in files + [REPO / "Makefile"]
+                 if any(f'"{q}"' in p.read_text() or f"'{q}'" in p.read_text() for q in DEFAULT_PROMPTS)]
+    assert not restated, "\n".join(restated)

@@ -20,31 +20,31 @@ def test_first_divergence_is_in_forward_order_not_table_order():
     cand = dict(ref)
     cand[(0, 1, "attn_norm")] = torch.tensor([2.0, -1.0])  # cosine 0
     cand[(0, 0, "q_proj")] = torch.tensor([1.0, 1.0])  # cosine 0.9487
-    table = parity.per_stage(parity.compare_traces(ref, cand, 0.99))
+    table = parity.per_op(parity.compare_traces(ref, cand, 0.99))
     fd = parity.first_divergence(table, 0.99)
-    assert (fd.layer, fd.stage) == (0, "q_proj")
-    assert list(table.stage) == ["embedding", "attn_norm", "q_proj", "attn_norm", "logits"]
+    assert (fd.layer, fd.op) == (0, "q_proj")
+    assert list(table.op) == ["embedding", "attn_norm", "q_proj", "attn_norm", "logits"]
 
 
 def test_one_sided_tap_is_unmeasured_never_zero_never_first():
     ref = trace({(0, 0, "attn_norm"): [1, 2], (0, 0, "q_proj"): [1, 2], (0, 0, "k_proj"): [1, 2]})
     cand = trace({(0, 0, "attn_norm"): [1, 2], (0, 0, "k_proj"): [-1, -2]})  # no q_proj on the candidate
     rows = parity.compare_traces(ref, cand)
-    q = rows[rows.stage == "q_proj"].iloc[0]
+    q = rows[rows.op == "q_proj"].iloc[0]
     assert q.status == parity.UNMEASURED and q.passed is None and q.missing_on == "candidate"
-    table = parity.per_stage(rows)
+    table = parity.per_op(rows)
     fd = parity.first_divergence(table)
-    assert fd.stage == "k_proj"  # q_proj was skipped, not scored as cosine 0
+    assert fd.op == "k_proj"  # q_proj was skipped, not scored as cosine 0
     report = parity.parity_report(table, "m", [0], 0.99)
-    assert report["first_divergence"]["stage"] == "k_proj"
-    assert {r["stage"]: r["status"] for r in report["rows"]}["q_proj"] == "UNMEASURED"
+    assert report["first_divergence"]["op"] == "k_proj"
+    assert {r["op"]: r["status"] for r in report["rows"]}["q_proj"] == "UNMEASURED"
 
 
 def test_min_over_positions_and_min_position():
     ref = trace({(p, 0, "attn_out"): [1, 1] for p in range(3)})
     cand = dict(ref)
     cand[(2, 0, "attn_out")] = torch.tensor([1.0, 0.0])
-    t = parity.per_stage(parity.compare_traces(ref, cand))
+    t = parity.per_op(parity.compare_traces(ref, cand))
     assert t.iloc[0].min_position == 2 and t.iloc[0].positions == 3
     assert t.iloc[0].min_cosine == pytest.approx(2**-0.5)
 
@@ -53,7 +53,7 @@ def test_layer_jsons_have_the_spec_schema():
     ref = trace({(0, 3, "q_proj"): [1, 2, 3]})
     cand = trace({(0, 3, "q_proj"): [1, 2, 3.5]})
     (rec,) = parity.layer_jsons(parity.compare_traces(ref, cand), ref, cand)
-    assert {"layer_idx", "stage", "cpu_checksum", "gpu_checksum", "cosine", "max_abs_diff"} <= set(rec)
+    assert {"layer_idx", "op", "cpu_checksum", "gpu_checksum", "cosine", "max_abs_diff"} <= set(rec)
     assert rec["layer_idx"] == 3 and rec["cpu_checksum"] != rec["gpu_checksum"] and rec["max_abs_diff"] == 0.5
 
 

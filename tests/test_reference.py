@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fp8parity.qwen2 import ForwardOptions, Qwen2Model, apply_rope, quantize_q8_k, rope_tables
-from fp8parity.taps import ALL_STAGES, LAYER_STAGES, Recorder
+from fp8parity.taps import ALL_OPS, LAYER_OPS, Recorder
 from fp8parity.tokenizer import GGUFTokenizer
 
 PROMPTS = ["What is 2+2?", "Write a Python function that reverses a string.", "Explain RMSNorm in one sentence."]
@@ -33,20 +33,20 @@ def test_fp32_agrees_with_fp64(tiny):
     assert cosine(a, b) > 0.999999 and (a.double() - b).abs().max() < 1e-3
 
 
-def test_taps_cover_every_stage_in_order(tiny):
+def test_taps_cover_every_op_in_order(tiny):
     ids = GGUFTokenizer(tiny).encode("def f(x): return x")
     rec = Recorder()
     Qwen2Model(tiny).prefill(ids, rec)
-    stages = {s for _, _, s in rec.tensors}
-    assert stages == set(ALL_STAGES)
-    n = len(ids) * (2 + 1 + tiny.config.n_layers * len(LAYER_STAGES))
+    ops = {s for _, _, s in rec.tensors}
+    assert ops == set(ALL_OPS)
+    n = len(ids) * (2 + 1 + tiny.config.n_layers * len(LAYER_OPS))
     assert len(rec.tensors) == n
     assert rec.tensors[(0, 0, "q_proj")].numel() == tiny.config.hidden
 
 
 def test_recorder_subset_and_off_by_default(tiny):
     ids = GGUFTokenizer(tiny).encode("abc abc")
-    rec = Recorder(layers=[1], stages=["attn_norm", "logits"], positions=[0])
+    rec = Recorder(layers=[1], ops=["attn_norm", "logits"], positions=[0])
     m = Qwen2Model(tiny)
     m.prefill(ids, rec)
     assert set(rec.tensors) == {(0, 1, "attn_norm"), (0, -1, "logits")}
@@ -122,7 +122,7 @@ def test_tokenizer_matches_transformers(default_path, ours):
 def test_logits_and_hidden_states_match_transformers(ours, hf_model, prompt):
     model, tok = ours
     ids = tok.chat_ids(prompt)
-    rec = Recorder(stages=["post_ffn_residual", "final_norm"])
+    rec = Recorder(ops=["post_ffn_residual", "final_norm"])
     logits = model.prefill(ids, rec)
     with torch.no_grad():
         out = hf_model(torch.tensor([ids]), output_hidden_states=True)

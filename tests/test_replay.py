@@ -12,7 +12,7 @@ import torch
 
 from fp8parity import replay, stages, twin
 from fp8parity.backends.emulated import EmulatedFP8Backend
-from fp8parity.config import DEFAULT_PROMPTS
+from fp8parity.config import DEFAULT_PROMPTS, RunConfig
 from fp8parity.detection import detection_limits, sweep
 from fp8parity.errors import WorkbookError
 from fp8parity.fault_bench import on_expected_paths
@@ -20,12 +20,21 @@ from fp8parity.faults import CATALOGUE
 from fp8parity.qwen2 import Qwen2Model
 from fp8parity.taps import Recorder
 from fp8parity.trace import key_str
-from fp8parity.workbench import Params, Workbench
+from fp8parity.workbench import Workbench
 
 
 def bench(tiny_path, tmp_path, backend="reference", fault="none", recipe="current") -> Workbench:
-    return Workbench(Params(model=str(tiny_path), backend=backend, fault=fault, recipe=recipe,
-                            run_dir=str(tmp_path / f"{backend}-{recipe}-{fault.replace('/', '_')}")))
+    cfg = RunConfig(model=str(tiny_path), backend=backend, fault=fault, recipe=recipe, max_prompts=1)
+    return Workbench(cfg, tmp_path / f"{backend}-{recipe}-{fault.replace('/', '_')}")
+
+
+def judge_b(wb: Workbench, **measure) -> stages.ParityVerdict:
+    return stages.judge_b(stages.measure_b(wb, save_traces=False, **measure), stages.ParityRule())
+
+
+def judge_trace(wb: Workbench, folder):
+    result = stages.measure_b_trace(wb, folder)
+    return stages.judge_b_trace(result, stages.ParityRule()), result.local
 
 
 def trace_of(model: Qwen2Model, ids, path) -> dict:
@@ -62,8 +71,8 @@ def test_a_candidate_off_its_declared_recipe_is_caught_at_its_first_gemm(tiny_pa
     """Declared per-tensor current scaling, but it scales per row: q_proj of layer 0 is the first op to differ."""
     wb = bench(tiny_path, tmp_path, "emulated-fp8")
     wb.backend.granularity = "rowwise"
-    v = stages.stage_b(wb, paths=("prefill",), save_traces=False)[0]
-    fd = v.numbers["first_beyond_floor"]
+    v = judge_b(wb, paths=("prefill",))
+    fd = v.first_beyond_floor
     assert v.status == "fail" and (fd["layer"], fd["op"]) == (0, "q_proj") and fd["times_floor"] > replay.ALARM_FACTOR
 
 
@@ -75,14 +84,14 @@ STAGE_B_FAULTS = [f for f in CATALOGUE if f.expected_stage == "B" and f.side == 
 @pytest.mark.parametrize("fault", STAGE_B_FAULTS, ids=lambda f: f.name)
 def test_every_stage_b_fault_is_localized_to_its_layer_op_and_path(tiny_path, tmp_path, fault):
     backend = "emulated-fp8" if fault.fp8 else "reference"
-    v = stages.stage_b(bench(tiny_path, tmp_path, backend, fault.name), save_traces=False)[0]
+    v = judge_b(bench(tiny_path, tmp_path, backend, fault.name))
     assert v.status == "fail"
-    assert on_expected_paths(fault, v), v.numbers["first_by_path"]
+    assert on_expected_paths(fault, v), v.first_by_path
 
 
 def test_scale_only_fault_is_seen_by_the_norm_ratio_not_the_cosine(tiny_path, tmp_path):
-    v = stages.stage_b(bench(tiny_path, tmp_path, fault="gemm-scale-0.96"), paths=("prefill",), save_traces=False)[0]
-    fd = v.numbers["first_beyond_floor"]
+    v = judge_b(bench(tiny_path, tmp_path, fault="gemm-scale-0.96"), paths=("prefill",))
+    fd = v.first_beyond_floor
     assert fd["cosine"] == pytest.approx(1.0, abs=1e-9) and fd["norm_ratio"] == pytest.approx(0.96, abs=1e-6)
     assert fd["rel_l2"] == pytest.approx(0.04, rel=1e-4)
 
@@ -91,13 +100,15 @@ def test_scale_only_fault_is_seen_by_the_norm_ratio_not_the_cosine(tiny_path, tm
                                             ("emulated-fp8", "block"), ("emulated-fp8", "delayed-calibrated")])
 def test_clean_candidates_pass_stage_b_and_say_why(tiny_path, tmp_path, backend, recipe):
     wb = bench(tiny_path, tmp_path, backend, recipe=recipe)
-    wb.params.prompts = list(DEFAULT_PROMPTS)  # two prompts: calibration moves the scales between them
-    v, table, local, _ = stages.stage_b(wb, save_traces=False)
+    wb.prompts = list(DEFAULT_PROMPTS)  # two prompts: calibration moves the scales between them
+    result = stages.measure_b(wb, save_traces=False)
+    v = stages.judge_b(result, stages.ParityRule())
     assert v.status == "pass", v.summary
     assert "no op beyond its noise floor" in v.summary and ("× its floor" in v.summary or "bit-identical" in v.summary)
-    assert set(local.path) == {"prefill", "decode"} and not local[local.status == "measured"].beyond.any()
-    assert {"max_rel_l2", "norm_ratio", "min_cosine"} <= set(table.columns)
-    assert v.numbers["drift"]["ratio"] == pytest.approx(1.0)  # the twin run end to end drifts exactly as far
+    local = stages.b_parity.beyond_floor(result.local, stages.ParityRule().factor)
+    assert set(local.path) == {"prefill", "decode"} and not local.beyond.any()
+    assert {"max_rel_l2", "norm_ratio", "min_cosine"} <= set(result.table.columns)
+    assert v.drift["ratio"] == pytest.approx(1.0)  # the twin run end to end drifts exactly as far
 
 
 @pytest.mark.parametrize("granularity,bias,expected", [("tensor", "fp32", "fp8 tensor, bias fp32"),
@@ -128,24 +139,24 @@ def test_a_foreign_npy_trace_is_fingerprinted_and_judged_through_the_same_replay
     cand = Qwen2Model(wb.gguf, backend=EmulatedFP8Backend("rowwise"), weights=wb.reference.weights)
     tr = trace_of(cand, ids, "decode")
     dump_npy(tr, tmp_path / "clean", {"path": "decode", "prompt_ids": ids})
-    v, local, fp = stages.stage_b_from_trace(wb, tmp_path / "clean")
-    assert v.status == "pass" and v.numbers["twin_from"] == "fingerprint"
-    assert v.numbers["twin"]["granularity"] == "rowwise" and local.rel_l2.max() == 0.0
+    v, local = judge_trace(wb, tmp_path / "clean")
+    assert v.status == "pass" and v.twin_from == "fingerprint"
+    assert v.twin["granularity"] == "rowwise" and local.rel_l2.max() == 0.0
     # the same dump with one op 2% off at one position: pinned there, and nothing before it
     bad = dict(tr)
     bad[(5, 2, "ffn_up")] = tr[(5, 2, "ffn_up")] * 0.98
     dump_npy(bad, tmp_path / "bad", {"path": "decode", "prompt_ids": ids})
-    v, local, _ = stages.stage_b_from_trace(wb, tmp_path / "bad")
-    fd = v.numbers["first_beyond_floor"]
+    v, local = judge_trace(wb, tmp_path / "bad")
+    fd = v.first_beyond_floor
     assert v.status == "fail" and (fd["layer"], fd["op"], fd["position"]) == (2, "ffn_up", 5)
     # without prompt ids the embedding cannot be replayed: UNMEASURED, never scored
     dump_npy(tr, tmp_path / "noids")
-    v, local, _ = stages.stage_b_from_trace(wb, tmp_path / "noids")
+    v, local = judge_trace(wb, tmp_path / "noids")
     assert v.status == "pass" and (local[local.op == "embedding"].status == "UNMEASURED").all()
     # a tap of another model's width is refused in one sentence
     dump_npy(tr | {(0, 1, "q_proj"): tr[(0, 1, "q_proj")][:-8]}, tmp_path / "other")
     with pytest.raises(WorkbookError, match="was the trace made with this model"):
-        stages.stage_b_from_trace(wb, tmp_path / "other")
+        stages.measure_b_trace(wb, tmp_path / "other")
 
 
 def test_the_detection_sweep_localizes_planted_errors_and_reports_a_limit(tiny_path):
@@ -164,5 +175,5 @@ def test_a_per_batch_scale_is_pinned_where_the_massive_activation_sets_it(defaul
     """Real model: layer 2's ffn_down input holds the massive activation (565 at position 0); one scale for the
     whole prefill batch flushes the other rows' small values. Decode (a batch of one row) stays clean."""
     fault = next(f for f in CATALOGUE if f.name == "per-batch-scale-ftz")
-    v = stages.stage_b(bench(default_path, tmp_path, "emulated-fp8", fault.name), save_traces=False)[0]
-    assert v.status == "fail" and on_expected_paths(fault, v), v.numbers["first_by_path"]
+    v = judge_b(bench(default_path, tmp_path, "emulated-fp8", fault.name))
+    assert v.status == "fail" and on_expected_paths(fault, v), v.first_by_path

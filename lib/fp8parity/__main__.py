@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from fp8parity.errors import WorkbookError
@@ -74,11 +75,7 @@ def _cmd_run_all(a: argparse.Namespace) -> int:
     from fp8parity.models import fetch_default
     from fp8parity.runner import run_all
 
-    cfg = RunConfig.from_strings(model=a.model, backend=a.backend, recipe=a.recipe, accumulate=a.accumulate,
-                                 prompts=a.prompt, threshold=a.threshold, paths=a.paths, max_prompts=a.max_prompts,
-                                 max_new_tokens=a.max_new_tokens, fault=a.fault, run_id=a.run_id, capsule=a.capsule,
-                                 candidate_trace=a.candidate_trace, archive=a.archive, corpus=a.corpus,
-                                 corpus_tokens=a.corpus_tokens)
+    cfg = RunConfig.from_strings(**{f.name: getattr(a, RunConfig.flag(f)[2:].replace("-", "_")) for f in fields(RunConfig)})
     validate(cfg, need_model=False)  # every other parameter first: a typo costs no download
     if Path(cfg.model).resolve() == DEFAULT_MODEL and not DEFAULT_MODEL.is_file():
         fetch_default(DEFAULT_MODEL)
@@ -97,29 +94,31 @@ def _cmd_distribution(a: argparse.Namespace) -> int:
     import torch
 
     from fp8parity import distribution
+    from fp8parity.config import RunConfig
 
     default = distribution.GPU_CANDIDATES if torch.cuda.is_available() else distribution.CPU_CANDIDATES
     candidates = [c for c in (a.candidates or ",".join(default)).split(",") if c]
-    distribution.compare_backends(a.model, candidates, a.runs_dir, a.corpus or "", int(a.corpus_tokens or 4096))
+    tokens = int(a.corpus_tokens or RunConfig.corpus_tokens)
+    distribution.compare_backends(a.model, candidates, a.runs_dir, a.corpus or RunConfig.corpus, tokens)
     return 0
 
 
 def _cmd_judge_trace(a: argparse.Namespace) -> int:
     from fp8parity import stages
-    from fp8parity.workbench import Params, Workbench
+    from fp8parity.config import RunConfig
+    from fp8parity.workbench import Workbench
 
-    wb = Workbench(Params(model=a.model, backend="reference", run_dir=a.out or "runs/judge-trace"))
-    verdict, local, fp = stages.stage_b_from_trace(wb, a.trace)
-    print(verdict.numbers["fingerprint_text"].replace("**", ""))
-    print(fp.drop(columns="spec").to_string(index=False))
+    wb = Workbench(RunConfig(model=a.model, backend="reference", max_prompts=1), a.out or "runs/judge-trace")
+    result = stages.measure_b_trace(wb, a.trace)
+    verdict = stages.judge_b_trace(result, stages.ParityRule())
+    print(verdict.fingerprint_text.replace("**", ""))
+    print(result.fingerprint.drop(columns="spec").to_string(index=False))
     print(f"stage B {verdict.status.upper()}: {verdict.summary}")
     stages.save_verdict(wb, verdict)
     return 0 if verdict.status == stages.PASS else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fp8parity", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _tool_commands(sub) -> None:
     s = sub.add_parser("inspect", help="print a model card of a GGUF")
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
@@ -139,24 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("dest")
     s.set_defaults(fn=_cmd_export_tokenizer)
-    # run-all and faults take strings, empty meaning the default in fp8parity.config: the Makefile passes its
-    # variables through unchanged, and every value is checked (one line, exit 2) before anything is written
+
+
+def _run_all_command(sub) -> None:
+    """One flag per RunConfig field, its help from the field: strings, None meaning the default defined there. The
+    Makefile passes only what the user set, and every value is checked (one line, exit 2) before anything is written."""
+    from fp8parity.config import RunConfig
+
     s = sub.add_parser("run-all", help="every notebook headless into runs/<run-id>/, with an index and an archive")
-    for flag, what in (("model", "a qwen2 GGUF"), ("backend", "reference|bf16|te|torch-fp8|emulated-fp8|auto"),
-                       ("recipe", "current|delayed|delayed-calibrated|rowwise|block"),
-                       ("accumulate", "emulated-fp8: fp32|fp64|fast"), ("prompt", "a chat prompt judged first"),
-                       ("threshold", "the spec's cosine rule, in (0, 1]"), ("paths", "prefill,decode or one of them"),
-                       ("max-prompts", "how many prompts stages B and F judge"),
-                       ("max-new-tokens", "stage F generation length"), ("fault", "a catalogued fault"),
-                       ("run-id", "the run folder's name"), ("capsule", "notebook 08: a capsule file to replay"),
-                       ("candidate-trace", "notebook 02: judge this trace folder instead of running a candidate"),
-                       ("archive", "reviewer (default) or full (a second archive with the traces)"),
-                       ("corpus", "notebook 09: a UTF-8 text file (default: stdlib sources)"),
-                       ("corpus-tokens", "notebook 09: how many corpus tokens"),
-                       ("runs-dir", "where run folders go (default runs)"),
-                       ("notebooks", "comma-separated notebook numbers (default: all)")):
-        s.add_argument(f"--{flag}", default=None, help=what)
+    for f in fields(RunConfig):
+        s.add_argument(RunConfig.flag(f), default=None, help=f"{f.metadata['help']} (default: {f.default!r})")
+    s.add_argument("--runs-dir", default=None, help="where run folders go (default runs)")
+    s.add_argument("--notebooks", default=None, help="comma-separated notebook numbers (default: all)")
     s.set_defaults(fn=_cmd_run_all)
+
+
+def _bench_commands(sub) -> None:
     s = sub.add_parser("faults", help="the cascade clean and once per catalogued fault, then the detection sweep")
     s.add_argument("--model", required=True)
     s.add_argument("--backend", default="auto")
@@ -177,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", required=True, help="a folder of tensors.safetensors or p<pos>.L<layer>.<op>.npy files")
     s.add_argument("--out", default="", help="where the verdict goes (default runs/judge-trace)")
     s.set_defaults(fn=_cmd_judge_trace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fp8parity", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _tool_commands(sub)
+    _run_all_command(sub)
+    _bench_commands(sub)
     return p
 
 

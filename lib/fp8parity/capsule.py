@@ -22,6 +22,7 @@ from fp8parity import metrics
 from fp8parity.dequant import dequantize
 from fp8parity.errors import WorkbookError
 from fp8parity.gguf_file import GGUFModel
+from fp8parity.names import tensor_name
 from fp8parity.qwen2 import Qwen2Model
 from fp8parity.taps import LINEAR_OPS, Recorder
 
@@ -32,21 +33,21 @@ def build_capsule(model: GGUFModel, ids: list[int], layers: list[int], path: Pat
     if any(not 0 <= L < n for L in layers):
         raise WorkbookError(f"capsule layers must lie in [0, {n}).")
     taps = sorted({tap_in for _, tap_in, _, _ in LINEAR_OPS})  # the GEMM inputs
-    rec = Recorder(layers=layers, stages=taps)
+    rec = Recorder(layers=layers, ops=taps)
     Qwen2Model(model).prefill(ids, rec)
     tensors, meta = {}, {"model": model.config.name, "model_sha256": model.sha256, "layers": layers, "ids": ids,
                          "weights": {}}
     for L in layers:
-        for stage in taps:
-            tensors[f"act.L{L}.{stage}"] = torch.stack([rec.tensors[(p, L, stage)] for p in range(len(ids))])
-        for _, _, stem, has_bias in LINEAR_OPS:
-            name = f"blk.{L}.{stem}.weight"
+        for op in taps:
+            tensors[f"act.L{L}.{op}"] = torch.stack([rec.tensors[(p, L, op)] for p in range(len(ids))])
+        for _, _, kind, has_bias in LINEAR_OPS:
+            name = tensor_name(kind, L)
             t = model.tensors[name]
             tensors[f"raw.{name}"] = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8).copy())
             meta["weights"][name] = {"qtype": t.tensor_type.name, "shape": list(model.shape(name)),
                                      "n_elements": int(t.n_elements)}
             if has_bias:
-                tensors[f"bias.blk.{L}.{stem}.bias"] = model.tensor(f"blk.{L}.{stem}.bias").clone()
+                tensors[f"bias.{tensor_name(kind, L, 'bias')}"] = model.tensor(tensor_name(kind, L, "bias")).clone()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"capsule": json.dumps(meta)})
@@ -70,11 +71,11 @@ def replay(path: Path, backends: dict) -> pd.DataFrame:
     tensors, meta = load_capsule(path)
     rows = []
     for L in meta["layers"]:
-        for tap_out, tap_in, stem, has_bias in LINEAR_OPS:
-            name = f"blk.{L}.{stem}.weight"
+        for tap_out, tap_in, kind, has_bias in LINEAR_OPS:
+            name = tensor_name(kind, L)
             info = meta["weights"][name]
             w = dequantize(tensors[f"raw.{name}"], info["qtype"], info["n_elements"]).view(info["shape"])
-            b = tensors[f"bias.blk.{L}.{stem}.bias"] if has_bias else None
+            b = tensors[f"bias.{tensor_name(kind, L, 'bias')}"] if has_bias else None
             x = tensors[f"act.L{L}.{tap_in}"]
             ref32 = torch.nn.functional.linear(x, w, b)  # the reference's own fp32 CPU op
             exact = x.double() @ w.double().t() + (0 if b is None else b.double())

@@ -1,14 +1,14 @@
 """One typed configuration of a run: every default defined once, every value checked before anything is written.
 
 The Makefile passes only what the user set (empty means "the default here"); the CLI, the runner, the notebooks'
-parameters cell (tools/build_notebooks.py) and the Workbench read their defaults from this module.
+parameters cells and the Workbench read their defaults from this module.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 from fp8parity.errors import WorkbookError
@@ -18,32 +18,38 @@ DEFAULT_MODEL = REPO_ROOT / "data" / "models" / "qwen2.5-coder-0.5b-instruct-q4_
 DEFAULT_PROMPTS = ("What is 2+2?", "Write a Python function that reverses a string.")
 DEFAULT_PATHS = ("prefill", "decode")
 DEFAULT_THRESHOLD = 0.99  # the spec's cosine rule (stage A's agreement, stage E, and B's spec line)
+INTERACTIVE_RUN_DIR = str(REPO_ROOT / "runs" / "interactive")  # where a notebook run in JupyterLab writes
 PATHS = ("prefill", "decode")
 ACCUMULATIONS = ("fp32", "fp64", "fast")
 ARCHIVES = ("reviewer", "full")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def _param(default, help: str, flag: str = ""):
+    """A configuration field with its default and the help the CLI shows (the flag defaults to the field's name)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What `make run-all` (and the notebooks' parameters cell) take."""
 
-    model: str = str(DEFAULT_MODEL)  # a qwen2 GGUF
-    backend: str = "auto"  # reference | bf16 | te | torch-fp8 | emulated-fp8 | auto
-    recipe: str = "current"  # current | delayed | delayed-calibrated | rowwise | block
-    accumulate: str = "fp32"  # emulated-fp8 only: fp32 | fp64 | fast
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # chat prompts (the first max_prompts are judged)
-    threshold: float = DEFAULT_THRESHOLD  # the spec's cosine rule, in (0, 1]
-    paths: tuple[str, ...] = DEFAULT_PATHS  # what stage B judges: prefill and/or decode
-    max_prompts: int = 2  # how many prompts stages B and F judge
-    max_new_tokens: int = 48  # stage F generation length
-    fault: str = "none"  # a catalogued fault (fp8parity.faults)
-    run_id: str = ""  # the run folder's name (default: time, backend, fault)
-    capsule: str = ""  # notebook 08: a capsule file (default: build one from the model)
-    candidate_trace: str = ""  # notebook 02: judge this trace folder instead of running a candidate
-    archive: str = "reviewer"  # reviewer: reports, figures, verdicts; full: also a second archive with the traces
-    corpus: str = ""  # notebook 09: a UTF-8 text file (default: Python standard library sources)
-    corpus_tokens: int = 4096  # notebook 09: how many corpus tokens (whole windows of 512)
+    model: str = _param(str(DEFAULT_MODEL), "a qwen2 GGUF")
+    backend: str = _param("auto", "reference | bf16 | te | torch-fp8 | emulated-fp8 | auto")
+    recipe: str = _param("current", "current | delayed | delayed-calibrated | rowwise | block")
+    accumulate: str = _param("fp32", "emulated-fp8 only: fp32 | fp64 | fast")
+    prompts: tuple[str, ...] = _param(DEFAULT_PROMPTS, "chat prompts (the first max_prompts are judged)", flag="prompt")
+    threshold: float = _param(DEFAULT_THRESHOLD, "the spec's cosine rule, in (0, 1]")
+    paths: tuple[str, ...] = _param(DEFAULT_PATHS, "what stage B judges: prefill and/or decode")
+    max_prompts: int = _param(2, "how many prompts stages B and F judge")
+    max_new_tokens: int = _param(48, "stage F generation length")
+    fault: str = _param("none", "a catalogued fault (fp8parity.faults)")
+    run_id: str = _param("", "the run folder's name (default: time, backend, fault)")
+    capsule: str = _param("", "notebook 08: a capsule file (default: build one from the model)")
+    candidate_trace: str = _param("", "notebook 02: judge this trace folder instead of running a candidate")
+    archive: str = _param("reviewer", "reviewer: reports, figures, verdicts; full: also a second archive with the traces")
+    corpus: str = _param("", "notebook 09: a UTF-8 text file (default: Python standard library sources)")
+    corpus_tokens: int = _param(4096, "notebook 09: how many corpus tokens (whole windows of 512)")
 
     @classmethod
     def from_strings(cls, **given: str | None) -> RunConfig:
@@ -55,6 +61,11 @@ class RunConfig:
                 continue
             kw[f.name] = _parse(f.name, raw)
         return cls(**kw)
+
+    @staticmethod
+    def flag(f: Field) -> str:
+        """The command-line flag of a field: --max-new-tokens for max_new_tokens, --prompt for prompts."""
+        return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
 
     def judged_prompts(self) -> list[str]:
         return list(self.prompts[: self.max_prompts])

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fp8parity import replay, twin
 from fp8parity.backends import make_backend
-from fp8parity.config import DEFAULT_PATHS, DEFAULT_PROMPTS
+from fp8parity.config import DEFAULT_PATHS, DEFAULT_PROMPTS, RunConfig
 from fp8parity.gguf_file import GGUFModel
 from fp8parity.qwen2 import ForwardOptions, Qwen2Model
 from fp8parity.taps import LINEAR_OPS, Recorder
@@ -47,11 +47,11 @@ def sweep(model_path: str, candidates=SWEEP_CANDIDATES, magnitudes=MAGNITUDES, n
     trials, cleans = [], []
     for cand_name in candidates:
         name, _, recipe = cand_name.partition(":")
-        backend = make_backend(name, recipe=recipe or "current")
+        backend = make_backend(name, recipe=recipe or RunConfig.recipe)
         backend.collect_stats = False
         clean = Qwen2Model(gguf, backend=backend, weights=ref.weights)
         calibrate(clean, ids)
-        spec = twin.declared_spec(backend.describe(), recipe or "current")
+        spec = twin.declared_spec(backend.describe(), recipe or RunConfig.recipe)
         rp = replay.Replayer(ref, twin.make_twin(spec, backend.used_input_scales()), spec.gemm_class)
         for path in DEFAULT_PATHS:  # the clean run, replayed in full: false alarms
             rec = Recorder()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fp8parity.config import RunConfig, validate
 from fp8parity.errors import WorkbookError
 from fp8parity.workbench import calibrate
 
@@ -187,7 +188,8 @@ class DistributionResult:
                 "first_greedy_difference": self.first_greedy_difference}
 
 
-def distribution_parity(reference, candidate, oracle, tok, corpus: str = "", n_tokens: int = 4096,
+def distribution_parity(reference, candidate, oracle, tok, corpus: str = "",
+                        n_tokens: int = RunConfig.corpus_tokens,
                         n_ctx: int = N_CTX, oracle_windows: int = 1) -> DistributionResult:
     """Candidate vs reference over the corpus; the fp64 oracle vs reference over the first windows as the floor
     (fp64 is several times slower than the whole candidate pass on a CPU: the floor needs only its size)."""
@@ -215,21 +217,20 @@ GPU_CANDIDATES = ("bf16", "te:current", "te:delayed-calibrated", "te:block", "to
 
 
 def compare_backends(model: str, candidates: list[str], runs_dir: str = "runs", corpus: str = "",
-                     corpus_tokens: int = 4096) -> Path:
+                     corpus_tokens: int = RunConfig.corpus_tokens) -> Path:
     """`make distribution`: notebook 09 once per candidate, into one folder, then one comparison table and figure."""
     import json
     from datetime import datetime
 
     import pandas as pd
 
-    from fp8parity.config import RunConfig, validate
     from fp8parity.plots import bars
     from fp8parity.runner import run_all
 
     configs = []
     for c in candidates:  # every candidate checked before anything runs
         backend, _, recipe = c.partition(":")
-        cfg = RunConfig(model=model, backend=backend, recipe=recipe or "current", corpus=corpus,
+        cfg = RunConfig(model=model, backend=backend, recipe=recipe or RunConfig.recipe, corpus=corpus,
                         corpus_tokens=corpus_tokens, run_id=c.replace(":", "-"))
         validate(cfg)
         configs.append((c, cfg))

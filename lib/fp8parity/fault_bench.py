@@ -19,13 +19,13 @@ from fp8parity import stages
 from fp8parity.config import DEFAULT_PROMPTS, DEFAULT_THRESHOLD, RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.faults import CATALOGUE, Fault
-from fp8parity.workbench import Params, Workbench
+from fp8parity.workbench import Workbench
 
 STAGE_ORDER = "ABCDEF"
 
 
 def _alarm(v: stages.Verdict) -> bool:
-    return v.numbers.get("exit_code") == 1 if v.stage == "A" else v.status == stages.FAIL
+    return v.exit_code == 1 if isinstance(v, stages.ReproducerVerdict) else v.status == stages.FAIL
 
 
 def _earlier(fd: dict | None, base_fd: dict | None) -> bool:
@@ -47,14 +47,14 @@ def new_alarms(verdicts: dict[str, stages.Verdict], baseline: dict[str, stages.V
         v, b = verdicts[s], (baseline or {}).get(s)
         if _alarm(v) and (b is None or not _alarm(b)):
             out.append(s)
-        elif s == "B" and _alarm(v) and _earlier(v.numbers["first_beyond_floor"], b.numbers["first_beyond_floor"]):
+        elif s == "B" and _alarm(v) and _earlier(v.first_beyond_floor, b.first_beyond_floor):
             out.append(s)
     return out
 
 
-def on_expected_paths(fault: Fault, vb: stages.Verdict) -> bool:
+def on_expected_paths(fault: Fault, vb: stages.ParityVerdict) -> bool:
     """Stage B's first op beyond its floor is the fault's (layer, op) on each expected path, and no other path alarms."""
-    firsts = vb.numbers["first_by_path"]
+    firsts = vb.first_by_path
     want = (fault.expected_layer, fault.expected_op)
     expected = set(firsts) if fault.expected_path == "both" else {fault.expected_path}
     return all((firsts.get(p) or {}).get("layer") == want[0] and (firsts.get(p) or {}).get("op") == want[1]
@@ -63,11 +63,15 @@ def on_expected_paths(fault: Fault, vb: stages.Verdict) -> bool:
 
 def run_stages(model: str, backend: str, recipe: str, fault: Fault, run_dir: Path, prompt: str,
                threshold: float) -> dict[str, stages.Verdict]:
-    wb = Workbench(Params(model=model, backend=backend, recipe=recipe, prompts=[prompt], threshold=threshold,
-                          run_dir=str(run_dir / f"{fault.name}-{backend}"), fault=fault.name))
-    verdicts = {"A": stages.stage_a(wb, runs=2)[0], "B": stages.stage_b(wb, save_traces=False)[0],
-                "C": stages.stage_c(wb)[0], "D": stages.stage_d(wb)[0],
-                "E": stages.stage_e(wb, synthetic_batches=())[0], "F": stages.stage_f(wb, runs=2, max_new_tokens=32)[0]}
+    cfg = RunConfig(model=model, backend=backend, recipe=recipe, prompts=(prompt,), max_prompts=1, threshold=threshold,
+                    fault=fault.name)
+    wb = Workbench(cfg, run_dir / f"{fault.name}-{backend}")
+    verdicts = {"A": stages.judge_a(stages.measure_a(wb, runs=2), stages.ReproducerRule(threshold)),
+                "B": stages.judge_b(stages.measure_b(wb, save_traces=False), stages.ParityRule(threshold=threshold)),
+                "C": stages.judge_c(stages.measure_c(wb), stages.EmbeddingRule()),
+                "D": stages.judge_d(stages.measure_d(wb), stages.RMSNormRule()),
+                "E": stages.judge_e(stages.measure_e(wb, synthetic_batches=()), stages.MatmulRule(threshold)),
+                "F": stages.judge_f(stages.measure_f(wb, runs=2, max_new_tokens=32), stages.GoldenRule())}
     for v in verdicts.values():
         stages.save_verdict(wb, v)
     return verdicts
@@ -76,11 +80,11 @@ def run_stages(model: str, backend: str, recipe: str, fault: Fault, run_dir: Pat
 def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
               baseline: dict[str, stages.Verdict] | None, seconds: float) -> dict:
     va, vb = verdicts["A"], verdicts["B"]
-    fd = vb.numbers["first_beyond_floor"]
+    fd = vb.first_beyond_floor
     alarms = new_alarms(verdicts, None if fault.name == "none" else baseline)
     found_where = "" if fd is None else f"L{fd['layer']} {fd['op']} {fd['path']} ({fd['times_floor']:.3g}× floor)"
-    if vb.numbers["reference_is_outlier"]:
-        found_where = "reference is the outlier vs fp64: " + (vb.numbers["oracle"]["reference_first_divergence_text"] or "")
+    if vb.reference_is_outlier:
+        found_where = "reference is the outlier vs fp64: " + (vb.oracle["reference_first_divergence_text"] or "")
     # localized: the expected stage alarms (or, for an honest drift, nothing new does) and stage B points at the
     # expected (layer, op) on exactly the expected path(s) when the fault has one; a corrupted reference must be
     # named as the outlier
@@ -89,10 +93,10 @@ def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
     else:
         localized = fault.expected_stage in alarms
         if fault.side == "reference":
-            localized = localized and bool(vb.numbers["reference_is_outlier"])
+            localized = localized and vb.reference_is_outlier
         elif fault.expected_op is not None and "B" in alarms:  # where B fires, it must point at the op and path
             localized = localized and on_expected_paths(fault, vb)
-    fit = va.numbers["affine"]
+    fit = va.affine
     return {
         "fault": fault.name, "candidate": backend, "bug_class": fault.bug_class, "reference": fault.reference,
         "expected_stage": fault.expected_stage,
@@ -101,61 +105,28 @@ def summarize(fault: Fault, backend: str, verdicts: dict[str, stages.Verdict],
         "new_alarms": ",".join(alarms) or "none", "stage_b_first_divergence": found_where,
         "localized": bool(localized),
         **{f"verdict_{s}": verdicts[s].status for s in STAGE_ORDER},
-        "A_exit": va.numbers["exit_code"], "slope": fit["slope"], "intercept": fit["intercept"],
-        "pearson_r": fit["pearson_r"], "logits_cosine": va.numbers["cosine"], "seconds": round(seconds, 1),
+        "A_exit": va.exit_code, "slope": fit["slope"], "intercept": fit["intercept"],
+        "pearson_r": fit["pearson_r"], "logits_cosine": va.cosine, "seconds": round(seconds, 1),
     }
 
 
-def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "runs", only: str = "",
-                    recipe: str = RunConfig.recipe, prompt: str = DEFAULT_PROMPTS[0],
-                    threshold: float = DEFAULT_THRESHOLD,
-                    sweep_candidates: list[str] | None = None) -> int:
-    from fp8parity.backends.factory import auto_choice
-    from fp8parity.config import check_backend_runs_here
-    from fp8parity.gguf_file import GGUFModel
-
-    GGUFModel(model)
-    for name in [backend] + [c.partition(":")[0] for c in sweep_candidates or []]:
-        check_backend_runs_here(name, "current")
-    chosen = auto_choice() if backend == "auto" else backend
-    faults = [f for f in CATALOGUE if not only or f.name in only.split(",")]
-    if not faults:
-        raise WorkbookError(f"no fault matches {only!r}; known: {', '.join(f.name for f in CATALOGUE)}.")
-    run_dir = Path(runs_dir) / f"faults-{datetime.now():%Y%m%d-%H%M%S}-{chosen}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    rows, baselines = [], {}
+def _plan(faults: list[Fault], chosen: str) -> list[tuple[str, Fault]]:
+    """Model-path faults ride on a bit-exact candidate (the reference backend); FP8 faults on the FP8 candidate, each
+    group after the clean run of its own candidate (its baseline)."""
     clean = next(f for f in CATALOGUE if f.name == "none")
-    # model-path faults ride on a bit-exact candidate (the reference backend); FP8 faults on the FP8 candidate,
-    # each judged against the clean run of its own candidate
     plan = []
     for base in dict.fromkeys(("reference", chosen)):
         group = [f for f in faults if f.name != "none" and (
             (not f.fp8 and base == "reference") or (f.fp8 and base == chosen and chosen in f.backends))]
         if group:
             plan += [(base, clean)] + [(base, f) for f in group]
-    skipped = [f for f in faults if f.fp8 and chosen not in f.backends]
-    for base, f in plan:
-        print(f"[{f.name} on {base}] ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            verdicts = run_stages(model, base, recipe, f, run_dir, prompt, threshold)
-        except WorkbookError as exc:
-            rows.append({"fault": f.name, "candidate": base, "new_alarms": "error", "localized": False,
-                         "stage_b_first_divergence": str(exc)})
-            continue
-        if f.name == "none":
-            baselines[base] = verdicts
-        rows.append(summarize(f, base, verdicts, baselines.get(base), time.perf_counter() - t0))
-        r = rows[-1]
-        print(f"[{f.name} on {base}] expected {r['expected_stage']}, new alarms {r['new_alarms']}, "
-              f"B: {r['stage_b_first_divergence']}, localized {r['localized']}", flush=True)
-    for f in skipped:
-        rows.append({"fault": f.name, "candidate": chosen, "expected_stage": f.expected_stage, "new_alarms": "not run",
-                     "localized": None, "stage_b_first_divergence": f"needs backend {' or '.join(f.backends)}"})
+    return plan
+
+
+def _write_localization(rows: list[dict], run_dir: Path, meta: dict) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df.to_csv(run_dir / "localization.csv", index=False)
-    (run_dir / "localization.json").write_text(json.dumps({"model": model, "backend": chosen, "recipe": recipe,
-                                                           "threshold": threshold, "rows": rows}, indent=2, default=str))
+    (run_dir / "localization.json").write_text(json.dumps(meta | {"rows": rows}, indent=2, default=str))
     cols = ["fault", "candidate", "expected_stage", "expected_where", "new_alarms", "stage_b_first_divergence", "localized",
             *[f"verdict_{s}" for s in STAGE_ORDER], "slope", "intercept", "pearson_r"]
     table = df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4f")
@@ -171,6 +142,46 @@ def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "
     missed = ran[~ran.localized.astype(bool)]
     if len(missed):
         print(f"not localized: {', '.join(missed.fault + ' on ' + missed.candidate)}", file=sys.stderr)
+    return df
+
+
+def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "runs", only: str = "",
+                    recipe: str = RunConfig.recipe, prompt: str = DEFAULT_PROMPTS[0],
+                    threshold: float = DEFAULT_THRESHOLD,
+                    sweep_candidates: list[str] | None = None) -> int:
+    """`make faults`: every catalogued fault localized (or not) by the cascade, then the detection sweep."""
+    from fp8parity.backends.factory import auto_choice
+    from fp8parity.config import check_backend_runs_here
+    from fp8parity.gguf_file import GGUFModel
+
+    GGUFModel(model)
+    for name in [backend] + [c.partition(":")[0] for c in sweep_candidates or []]:
+        check_backend_runs_here(name, recipe)
+    chosen = auto_choice() if backend == "auto" else backend
+    faults = [f for f in CATALOGUE if not only or f.name in only.split(",")]
+    if not faults:
+        raise WorkbookError(f"no fault matches {only!r}; known: {', '.join(f.name for f in CATALOGUE)}.")
+    run_dir = Path(runs_dir) / f"faults-{datetime.now():%Y%m%d-%H%M%S}-{chosen}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    rows, baselines = [], {}
+    for base, f in _plan(faults, chosen):
+        print(f"[{f.name} on {base}] ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            verdicts = run_stages(model, base, recipe, f, run_dir, prompt, threshold)
+        except WorkbookError as exc:
+            rows.append({"fault": f.name, "candidate": base, "new_alarms": "error", "localized": False,
+                         "stage_b_first_divergence": str(exc)})
+            continue
+        if f.name == "none":
+            baselines[base] = verdicts
+        rows.append(r := summarize(f, base, verdicts, baselines.get(base), time.perf_counter() - t0))
+        print(f"[{f.name} on {base}] expected {r['expected_stage']}, new alarms {r['new_alarms']}, "
+              f"B: {r['stage_b_first_divergence']}, localized {r['localized']}", flush=True)
+    rows += [{"fault": f.name, "candidate": chosen, "expected_stage": f.expected_stage, "new_alarms": "not run",
+              "localized": None, "stage_b_first_divergence": f"needs backend {' or '.join(f.backends)}"}
+             for f in faults if f.fp8 and chosen not in f.backends]
+    _write_localization(rows, run_dir, {"model": model, "backend": chosen, "recipe": recipe, "threshold": threshold})
     if sweep_candidates:
         run_sweep(model, sweep_candidates, run_dir)
     return 0

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gguf import MODEL_TENSOR
+
 from fp8parity.errors import WorkbookError
+from fp8parity.names import tensor_name
 from fp8parity.qwen2 import ForwardOptions
 
 
@@ -60,7 +63,7 @@ CATALOGUE: tuple[Fault, ...] = (
           expected_stage="B", expected_layer=0, expected_op="attn_out",
           backend_options={"stale_activation_cache": True}, backends=("emulated-fp8",), fp8=True),
     Fault("transposed-q-weight", "a GEMV read the weights transposed", "#1651", expected_stage="E",
-          expected_layer=0, expected_op="q_proj", options={"transposed_weights": ("blk.0.attn_q.weight",)}),
+          expected_layer=0, expected_op="q_proj", options={"transposed_weights": (tensor_name(MODEL_TENSOR.ATTN_Q, 0),)}),
     Fault("embedding-off-by-one", "embedding row id+1 read for each token", "spec stage C", expected_stage="C",
           expected_layer=-1, expected_op="embedding", options={"embedding_row_offset": 1}),
     Fault("rope-theta-1e4", "RoPE theta 10000 instead of the file's 1e6", "spec stage B (RoPE)", expected_stage="B",

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, Keys
+from gguf import MODEL_TENSOR as T
 
 from fp8parity.dequant import SUPPORTED_TYPES, dequantize, dequantize_rows
 from fp8parity.errors import WorkbookError
+from fp8parity.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBD, arch_key, tensor_name
 
 SUPPORTED_ARCHITECTURES = ("qwen2",)
 GGUF_MAGIC = b"GGUF"
@@ -118,7 +120,7 @@ class GGUFModel:
             raise WorkbookError(
                 f"{self.path} has a damaged GGUF header ({type(exc).__name__}: {exc}); download it again."
             ) from None
-        arch = _field_value(self.reader, "general.architecture")
+        arch = _field_value(self.reader, Keys.General.ARCHITECTURE)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise WorkbookError(
                 f"{self.path.name} is a {arch!r} model; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}."
@@ -141,31 +143,31 @@ class GGUFModel:
 
     def _read_config(self, arch: str) -> ModelConfig:
         def need(key: str):
-            v = self.meta(f"{arch}.{key}")
+            v = self.meta(arch_key(key, arch))
             if v is None:
-                raise WorkbookError(f"{self.path.name} lacks metadata key {arch}.{key}; the file is incomplete.")
+                raise WorkbookError(f"{self.path.name} lacks metadata key {arch_key(key, arch)}; the file is incomplete.")
             return v
 
-        n_heads = int(need("attention.head_count"))
-        embd = self.reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(embd.data) if embd is not None else int(self.tensors["token_embd.weight"].shape[1])
+        n_heads = int(need(Keys.Attention.HEAD_COUNT))
+        embd = self.reader.fields.get(Keys.Tokenizer.LIST)
+        vocab = len(embd.data) if embd is not None else int(self.tensors[TOKEN_EMBD].shape[1])
         return ModelConfig(
             architecture=arch,
-            name=str(self.meta("general.name", self.path.stem)),
-            n_layers=int(need("block_count")),
-            hidden=int(need("embedding_length")),
+            name=str(self.meta(Keys.General.NAME, self.path.stem)),
+            n_layers=int(need(Keys.LLM.BLOCK_COUNT)),
+            hidden=int(need(Keys.LLM.EMBEDDING_LENGTH)),
             n_heads=n_heads,
-            n_kv_heads=int(self.meta(f"{arch}.attention.head_count_kv", n_heads)),
-            ffn=int(need("feed_forward_length")),
+            n_kv_heads=int(self.meta(arch_key(Keys.Attention.HEAD_COUNT_KV, arch), n_heads)),
+            ffn=int(need(Keys.LLM.FEED_FORWARD_LENGTH)),
             vocab=vocab,
-            rms_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(self.meta(f"{arch}.rope.freq_base", 10000.0)),
-            context=int(self.meta(f"{arch}.context_length", 32768)),
-            tied_embeddings="output.weight" not in self.tensors,
-            bos_id=self._opt_int("tokenizer.ggml.bos_token_id"),
-            eos_id=self._opt_int("tokenizer.ggml.eos_token_id"),
-            pad_id=self._opt_int("tokenizer.ggml.padding_token_id"),
-            file_type=self._opt_int("general.file_type"),
+            rms_eps=float(need(Keys.Attention.LAYERNORM_RMS_EPS)),
+            rope_theta=float(self.meta(arch_key(Keys.Rope.FREQ_BASE, arch), 10000.0)),
+            context=int(self.meta(arch_key(Keys.LLM.CONTEXT_LENGTH, arch), 32768)),
+            tied_embeddings=OUTPUT not in self.tensors,
+            bos_id=self._opt_int(Keys.Tokenizer.BOS_ID),
+            eos_id=self._opt_int(Keys.Tokenizer.EOS_ID),
+            pad_id=self._opt_int(Keys.Tokenizer.PAD_ID),
+            file_type=self._opt_int(Keys.General.FILE_TYPE),
         )
 
     def _opt_int(self, key: str) -> int | None:
@@ -174,17 +176,14 @@ class GGUFModel:
 
     @property
     def chat_template(self) -> str | None:
-        return self.meta("tokenizer.chat_template")
+        return self.meta(Keys.Tokenizer.CHAT_TEMPLATE)
 
     def required_tensor_names(self) -> list[str]:
-        names = ["token_embd.weight", "output_norm.weight"]
-        per_layer = [
-            "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q.bias",
-            "attn_k.bias", "attn_v.bias", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight",
-            "ffn_up.weight", "ffn_down.weight",
-        ]
+        weights = [T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN]
+        biases = [T.ATTN_Q, T.ATTN_K, T.ATTN_V]  # qwen2's q/k/v have biases
+        names = [TOKEN_EMBD, OUTPUT_NORM]
         for i in range(self.config.n_layers):
-            names += [f"blk.{i}.{p}" for p in per_layer]
+            names += [tensor_name(k, i) for k in weights] + [tensor_name(k, i, "bias") for k in biases]
         return names
 
     # --- tensors --------------------------------------------------------------------------------
@@ -252,8 +251,8 @@ class GGUFModel:
 
     def special_tokens(self) -> dict[str, int]:
         """Control / user-defined tokens (GGUF token types 3 and 4) by text."""
-        toks = self.reader.fields.get("tokenizer.ggml.tokens")
-        types = self.reader.fields.get("tokenizer.ggml.token_type")
+        toks = self.reader.fields.get(Keys.Tokenizer.LIST)
+        types = self.reader.fields.get(Keys.Tokenizer.TOKEN_TYPE)
         if toks is None or types is None:
             return {}
         tt = np.array([int(types.parts[i][0]) for i in types.data])

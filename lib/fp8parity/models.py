@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import MODEL_TENSOR as T
+from gguf import GGMLQuantizationType, GGUFWriter, Keys, TokenType
 
 from fp8parity.config import DEFAULT_MODEL, REPO_ROOT  # noqa: F401  (REPO_ROOT re-exported)
 from fp8parity.errors import WorkbookError
+from fp8parity.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBD, tensor_name
 from fp8parity.quantize import quantize
 
 DEFAULT_SIZE = 491_400_064
@@ -112,8 +114,9 @@ class TokenizerData:
         def strings(key):
             return [bytes(f[key].parts[i]).decode("utf-8") for i in f[key].data]
 
-        return cls(strings("tokenizer.ggml.tokens"), [int(f["tokenizer.ggml.token_type"].parts[i][0])
-                   for i in f["tokenizer.ggml.token_type"].data], strings("tokenizer.ggml.merges"),
+        types = f[Keys.Tokenizer.TOKEN_TYPE]
+        return cls(strings(Keys.Tokenizer.LIST), [int(types.parts[i][0]) for i in types.data],
+                   strings(Keys.Tokenizer.MERGES),
                    m.chat_template, m.config.eos_id, m.config.pad_id, m.config.bos_id)
 
 
@@ -193,9 +196,9 @@ def _qtype_for(name: str, layer: int) -> str:
     """A Q4_K_M-like mix: mostly Q5_0, attn_v Q8_0 / Q5_0, ffn_down Q6_K / Q4_K, norms and biases F32."""
     if name.endswith("norm.weight") or name.endswith(".bias"):
         return "F32"
-    if name == "token_embd.weight":
+    if name == TOKEN_EMBD:
         return "Q5_0"
-    if name == "output.weight":
+    if name == OUTPUT:
         return "Q8_0"
     if name.endswith("attn_v.weight"):
         return "Q8_0" if layer % 2 == 0 else "Q5_0"
@@ -231,16 +234,14 @@ def _write_header(w: GGUFWriter, spec: SynthSpec, tok: TokenizerData) -> None:
 def _tensor_shapes(spec: SynthSpec, vocab: int) -> list[tuple[str, tuple[int, ...], int]]:
     hd = spec.hidden // spec.n_heads
     kv = spec.n_kv_heads * hd
-    out = [("token_embd.weight", (vocab, spec.hidden), -1), ("output_norm.weight", (spec.hidden,), -1),
-           ("output.weight", (vocab, spec.hidden), -1)]
+    out = [(TOKEN_EMBD, (vocab, spec.hidden), -1), (OUTPUT_NORM, (spec.hidden,), -1), (OUTPUT, (vocab, spec.hidden), -1)]
+    h, f = spec.hidden, spec.ffn
+    shapes = [(T.ATTN_NORM, "weight", (h,)), (T.ATTN_Q, "weight", (h, h)), (T.ATTN_Q, "bias", (h,)),
+              (T.ATTN_K, "weight", (kv, h)), (T.ATTN_K, "bias", (kv,)), (T.ATTN_V, "weight", (kv, h)),
+              (T.ATTN_V, "bias", (kv,)), (T.ATTN_OUT, "weight", (h, h)), (T.FFN_NORM, "weight", (h,)),
+              (T.FFN_GATE, "weight", (f, h)), (T.FFN_UP, "weight", (f, h)), (T.FFN_DOWN, "weight", (h, f))]
     for L in range(spec.n_layers):
-        p = f"blk.{L}."
-        out += [(p + "attn_norm.weight", (spec.hidden,), L), (p + "attn_q.weight", (spec.hidden, spec.hidden), L),
-                (p + "attn_q.bias", (spec.hidden,), L), (p + "attn_k.weight", (kv, spec.hidden), L),
-                (p + "attn_k.bias", (kv,), L), (p + "attn_v.weight", (kv, spec.hidden), L),
-                (p + "attn_v.bias", (kv,), L), (p + "attn_output.weight", (spec.hidden, spec.hidden), L),
-                (p + "ffn_norm.weight", (spec.hidden,), L), (p + "ffn_gate.weight", (spec.ffn, spec.hidden), L),
-                (p + "ffn_up.weight", (spec.ffn, spec.hidden), L), (p + "ffn_down.weight", (spec.hidden, spec.ffn), L)]
+        out += [(tensor_name(kind, L, part), shape, L) for kind, part, shape in shapes]
     return out
 
 
@@ -249,7 +250,7 @@ def _float_tensor(name: str, shape: tuple[int, ...], spec: SynthSpec, rng: np.ra
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     if name.endswith(".bias"):
         return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "token_embd.weight":
+    if name == TOKEN_EMBD:
         w = 0.02 * rng.standard_normal(shape)
         if spec.outlier_dim is not None:
             w[:, spec.outlier_dim] *= spec.outlier_factor
@@ -288,7 +289,8 @@ def padded(tok: TokenizerData, vocab: int | None) -> TokenizerData:
     if vocab is None or vocab <= len(tok.tokens):
         return tok
     extra = [f"[PAD{i}]" for i in range(len(tok.tokens), vocab)]
-    return TokenizerData(tok.tokens + extra, tok.token_types + [4] * len(extra), tok.merges, tok.chat_template,
+    user_defined = [int(TokenType.USER_DEFINED)] * len(extra)
+    return TokenizerData(tok.tokens + extra, tok.token_types + user_defined, tok.merges, tok.chat_template,
                          tok.eos_id, tok.pad_id, tok.bos_id)
 
 
@@ -313,17 +315,17 @@ def write_7b_shaped(path: Path, tokenizer: TokenizerData, spec: SynthSpec = SEVE
         if len(shape) == 1:
             w.add_tensor(name, _float_tensor(name, shape, spec, rng), raw_dtype=GGMLQuantizationType.F32)
             continue
-        qtype = "Q6_K" if name in ("output.weight",) or name.endswith(("attn_v.weight", "ffn_down.weight")) else "Q4_K"
+        qtype = "Q6_K" if name == OUTPUT or name.endswith(("attn_v.weight", "ffn_down.weight")) else "Q4_K"
         rows, cols = shape
         nb = rows * cols // 256
         pool = pools[qtype]
         blocks = pool[rng.integers(0, pool_blocks, nb)]  # (nb, type_size)
-        std = 0.02 if name == "token_embd.weight" else 1.0 / np.sqrt(cols)
+        std = 0.02 if name == TOKEN_EMBD else 1.0 / np.sqrt(cols)
         for a, b in d_cols[qtype]:
             d = blocks[:, a:b].copy().view(np.float16).astype(np.float32) * std
             blocks[:, a:b] = d.astype(np.float16).view(np.uint8)
         data = blocks.reshape(rows, -1)
-        if name == "token_embd.weight" and spec.outlier_dim is not None:
+        if name == TOKEN_EMBD and spec.outlier_dim is not None:
             # re-quantize the blocks holding the outlier dim with that column scaled up
             blk = spec.outlier_dim // 256
             from gguf.quants import dequantize as gdq

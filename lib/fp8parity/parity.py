@@ -1,4 +1,4 @@
-"""Compare two traces: a row per (position, layer, stage), the per-(layer, stage) table, first divergence.
+"""Compare two traces: a row per (position, layer, op), the per-(layer, op) table, first divergence.
 
 A tap present on one side only is UNMEASURED: listed, never scored, never the first divergence (#3729).
 """
@@ -20,19 +20,19 @@ MEASURED, UNMEASURED = "measured", "UNMEASURED"
 
 def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey, torch.Tensor],
                    threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """One row per tap on either side, in forward order (metrics computed a (layer, stage) at a time)."""
+    """One row per tap on either side, in forward order (metrics computed a (layer, op) at a time)."""
     keys = sorted(set(reference) | set(candidate), key=lambda k: (forward_order(k[2], k[1]), k[0]))
     groups: dict[tuple[int, str], list[TapKey]] = {}
     for k in keys:
         groups.setdefault((k[1], k[2]), []).append(k)
     rows = []
-    for (layer, stage), ks in groups.items():
+    for (layer, op), ks in groups.items():
         both = [k for k in ks if k in reference and k in candidate]
         m = row_metrics_batch(torch.stack([candidate[k].reshape(-1) for k in both]),
                               torch.stack([reference[k].reshape(-1) for k in both])) if both else {}
         at = {k: i for i, k in enumerate(both)}
         for k in ks:
-            row = {"position": k[0], "layer": layer, "stage": stage}
+            row = {"position": k[0], "layer": layer, "op": op}
             if k in at:
                 i = at[k]
                 row |= {"status": MEASURED} | {name: (int(v[i]) if name == "ulp_max" else float(v[i])) for name, v in m.items()}
@@ -43,50 +43,50 @@ def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey
     return pd.DataFrame(rows)
 
 
-def per_stage(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (layer, stage) in forward order: min cosine and where, max abs diff, positions compared."""
+def per_op(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (layer, op) in forward order: min cosine and where, max abs diff, positions compared."""
     out = []
-    for (layer, stage), g in rows.groupby(["layer", "stage"], sort=False):
+    for (layer, op), g in rows.groupby(["layer", "op"], sort=False):
         m = g[g.status == MEASURED]
         if m.empty:
-            out.append({"layer": layer, "stage": stage, "status": UNMEASURED, "min_cosine": math.nan,
+            out.append({"layer": layer, "op": op, "status": UNMEASURED, "min_cosine": math.nan,
                         "min_position": None, "max_abs": math.nan, "max_rel_l2": math.nan, "norm_ratio": math.nan,
                         "positions": 0})
             continue
         cos = m.cosine.fillna(-math.inf)
         worst = m.loc[cos.idxmin()]
-        out.append({"layer": layer, "stage": stage, "status": MEASURED, "min_cosine": float(worst.cosine),
+        out.append({"layer": layer, "op": op, "status": MEASURED, "min_cosine": float(worst.cosine),
                     "min_position": int(worst.position), "max_abs": float(m.max_abs.max()),
                     "max_rel_l2": float(m.rel_l2.max()), "norm_ratio": float(worst.norm_ratio), "positions": len(m)})
     df = pd.DataFrame(out)
-    df["order"] = [forward_order(s, L) for L, s in zip(df.layer, df.stage, strict=True)]
+    df["order"] = [forward_order(s, L) for L, s in zip(df.layer, df.op, strict=True)]
     return df.sort_values("order").drop(columns="order").reset_index(drop=True)
 
 
 @dataclass
 class Divergence:
-    stage: str
+    op: str
     layer: int
     min_cosine: float
     min_position: int
 
     def __str__(self) -> str:
-        where = f"layer {self.layer}, stage {self.stage}" if self.layer >= 0 else f"stage {self.stage}"
+        where = f"layer {self.layer} {self.op}" if self.layer >= 0 else self.op
         return f"{where} (cosine {self.min_cosine:.6f} at position {self.min_position})"
 
 
 def first_divergence(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> Divergence | None:
-    """The first measured (layer, stage) in forward order whose min cosine is below threshold (or NaN)."""
+    """The first measured (layer, op) in forward order whose min cosine is below threshold (or NaN)."""
     for r in table.itertuples():
         if r.status == MEASURED and not (r.min_cosine >= threshold):
-            return Divergence(r.stage, int(r.layer), float(r.min_cosine), int(r.min_position))
+            return Divergence(r.op, int(r.layer), float(r.min_cosine), int(r.min_position))
     return None
 
 
 def parity_report(table: pd.DataFrame, model: str, positions: list[int], threshold: float) -> dict:
     """The JSON of `apr parity --per-op`: model, positions, threshold, first_divergence, rows."""
     fd = first_divergence(table, threshold)
-    rows = [{"stage": r.stage, "layer": int(r.layer), "status": r.status,
+    rows = [{"op": r.op, "layer": int(r.layer), "status": r.status,
              "min_cosine": None if math.isnan(r.min_cosine) else r.min_cosine,
              "min_position": r.min_position, "max_abs": None if math.isnan(r.max_abs) else r.max_abs,
              "positions": int(r.positions)} for r in table.itertuples()]
@@ -96,15 +96,15 @@ def parity_report(table: pd.DataFrame, model: str, positions: list[int], thresho
 
 def layer_jsons(rows: pd.DataFrame, reference: dict[TapKey, torch.Tensor],
                 candidate: dict[TapKey, torch.Tensor]) -> list[dict]:
-    """Stage B's spec schema, one record per (layer, stage) at its worst position (checksums: FNV-1a-64)."""
+    """Stage B's spec schema, one record per (layer, op) at its worst position (checksums: FNV-1a-64)."""
     from fp8parity.metrics import fnv1a64
 
     out = []
     m = rows[rows.status == MEASURED]
-    for (layer, stage), g in m.groupby(["layer", "stage"], sort=False):
+    for (layer, op), g in m.groupby(["layer", "op"], sort=False):
         w = g.loc[g.cosine.fillna(-math.inf).idxmin()]
-        out.append({"layer_idx": int(layer), "stage": stage, "position": int(w.position),
-                    "cpu_checksum": fnv1a64(reference[(int(w.position), int(layer), stage)]),
-                    "gpu_checksum": fnv1a64(candidate[(int(w.position), int(layer), stage)]),
+        out.append({"layer_idx": int(layer), "op": op, "position": int(w.position),
+                    "cpu_checksum": fnv1a64(reference[(int(w.position), int(layer), op)]),
+                    "gpu_checksum": fnv1a64(candidate[(int(w.position), int(layer), op)]),
                     "cosine": None if math.isnan(w.cosine) else float(w.cosine), "max_abs_diff": float(w.max_abs)})
     return out

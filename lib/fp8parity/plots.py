@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fp8parity.taps import LAYER_STAGES
+from fp8parity.taps import LAYER_OPS
 
 
 def cosine_per_layer(table: pd.DataFrame, threshold: float, title: str = "") -> plt.Figure:
@@ -14,15 +14,15 @@ def cosine_per_layer(table: pd.DataFrame, threshold: float, title: str = "") -> 
     fig, ax = plt.subplots(figsize=(12, 5))
     layered = table[table.layer >= 0]
     cmap = plt.get_cmap("tab20")
-    for i, stage in enumerate(LAYER_STAGES):
-        g = layered[layered.stage == stage].groupby("layer").min_cosine.min()
+    for i, op in enumerate(LAYER_OPS):
+        g = layered[layered.op == op].groupby("layer").min_cosine.min()
         if len(g):
-            ax.plot(g.index, np.clip(1 - g.values, 1e-12, None), marker="o", ms=3, lw=1.2, color=cmap(i), label=stage)
-    for stage, style in (("embedding", "v"), ("final_norm", "s"), ("logits", "*")):
-        g = table[table.stage == stage].min_cosine
+            ax.plot(g.index, np.clip(1 - g.values, 1e-12, None), marker="o", ms=3, lw=1.2, color=cmap(i), label=op)
+    for op, style in (("embedding", "v"), ("final_norm", "s"), ("logits", "*")):
+        g = table[table.op == op].min_cosine
         if len(g):
-            x = -0.5 if stage == "embedding" else layered.layer.max() + 0.5
-            ax.scatter([x], [max(1 - g.min(), 1e-12)], marker=style, s=60, color="k", zorder=5, label=stage)
+            x = -0.5 if op == "embedding" else layered.layer.max() + 0.5
+            ax.scatter([x], [max(1 - g.min(), 1e-12)], marker=style, s=60, color="k", zorder=5, label=op)
     ax.axhline(1 - threshold, ls="--", color="red", lw=1, label=f"threshold (cos {threshold})")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
@@ -127,7 +127,7 @@ def local_error_per_layer(local: pd.DataFrame, factor: float, title: str = "") -
     m = local[local.status == "measured"]
     layered = m[m.layer >= 0]
     cmap = plt.get_cmap("tab20")
-    for i, op in enumerate(LAYER_STAGES):
+    for i, op in enumerate(LAYER_OPS):
         g = layered[layered.op == op].groupby("layer").times_floor.max()
         if len(g):
             ax.plot(g.index, np.clip(g.values, 1e-4, None), marker="o", ms=3, lw=1.2, color=cmap(i), label=op)
@@ -152,7 +152,7 @@ def drift_per_layer(table: pd.DataFrame, title: str = "") -> plt.Figure:
     """The global view: per layer, the candidate's relative L2 error and norm ratio against the reference at the
     residual stream (post_ffn_residual), one line per (prompt, path)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    for (prompt, path), t in table[table.stage == "post_ffn_residual"].groupby(["prompt", "path"]):
+    for (prompt, path), t in table[table.op == "post_ffn_residual"].groupby(["prompt", "path"]):
         t = t.sort_values("layer")
         a.plot(t.layer, np.clip(t.max_rel_l2, 1e-12, None), marker="o", ms=3, label=f"prompt {prompt} {path}")
         b.plot(t.layer, t.norm_ratio, marker="o", ms=3, label=f"prompt {prompt} {path}")
@@ -215,5 +215,35 @@ def distribution(stats, title: str = "") -> plt.Figure:
         ax.grid(alpha=0.3, which="both")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def drill_down(dd) -> plt.Figure:
+    """One op on both sides: output values (histogram), error per output dim, and the first input's values."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    bins = np.histogram_bin_edges(np.concatenate([dd.reference, dd.candidate]), bins=80)
+    ax.hist(dd.reference, bins=bins, histtype="step", lw=1.5, label="reference")
+    ax.hist(dd.candidate, bins=bins, histtype="step", lw=1.2, ls="--", label="candidate")
+    ax.set(yscale="log", xlabel="output value", ylabel="dims", title="output values")
+    ax.legend()
+    ax = axes[1]
+    err = np.abs(dd.candidate.astype(np.float64) - dd.reference)
+    ax.plot(err, lw=0.6, color="C3")
+    ax.set(yscale="symlog", xlabel="output dim", ylabel="|candidate - reference|", title="error per dim",
+           ylim=(0, None))
+    ax = axes[2]
+    if dd.inputs:
+        name, (r, c) = next(iter(dd.inputs.items()))
+        bins = np.histogram_bin_edges(np.concatenate([r, c]), bins=80)
+        ax.hist(r, bins=bins, histtype="step", lw=1.5, label="reference")
+        ax.hist(c, bins=bins, histtype="step", lw=1.2, ls="--", label="candidate")
+        ax.set(yscale="log", xlabel="input value", title=f"input: {name}")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "a lookup reads no activation", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    fig.suptitle(dd.where)
     fig.tight_layout()
     return fig

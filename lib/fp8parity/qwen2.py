@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from gguf import MODEL_TENSOR
 
 from fp8parity.errors import WorkbookError
 from fp8parity.gguf_file import GGUFModel, ModelConfig
+from fp8parity.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBD, tensor_name
 from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LOGITS, Recorder
 
 
@@ -221,6 +223,10 @@ class Qwen2Model:
         b = self.small(bias) if bias else None
         return self.backend.linear(x, self._w(weight), b, key)
 
+    def _block_linear(self, x: torch.Tensor, kind: MODEL_TENSOR, layer: int, op: str, bias: bool = False) -> torch.Tensor:
+        """A block's linear layer by its GGUF tensor kind (blk.<layer>.<kind>.weight, and .bias where it has one)."""
+        return self._linear(x, tensor_name(kind, layer), tensor_name(kind, layer, "bias") if bias else None, f"{layer}.{op}")
+
     @property
     def rms_eps(self) -> float:
         return self.options.rms_eps if self.options.rms_eps is not None else self.cfg.rms_eps
@@ -232,7 +238,7 @@ class Qwen2Model:
     def embed(self, ids: list[int]) -> torch.Tensor:
         rows = [i + self.options.embedding_row_offset for i in ids]
         rows = [min(max(r, 0), self.cfg.vocab - 1) for r in rows]
-        return self.gguf.rows("token_embd.weight", rows).to(self.device, self.dtype)
+        return self.gguf.rows(TOKEN_EMBD, rows).to(self.device, self.dtype)
 
     # --- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,11 +275,10 @@ class Qwen2Model:
             cos_b, sin_b = rope_tables(torch.tensor(positions, device=self.device), hd, 1e4, self.dtype, self.device)
             cos, sin = torch.where(bad[:, None], cos_b, cos), torch.where(bad[:, None], sin_b, sin)
         for L in range(cfg.n_layers):
-            p = f"blk.{L}."
-            h = tap("attn_norm", L, rms_norm(x, self.small(p + "attn_norm.weight"), self.rms_eps))
-            q = tap("q_proj", L, self._linear(h, p + "attn_q.weight", p + "attn_q.bias", f"{L}.q_proj"))  # (T, H*hd)
-            k = tap("k_proj", L, self._linear(h, p + "attn_k.weight", p + "attn_k.bias", f"{L}.k_proj"))  # (T, KV*hd)
-            v = tap("v_proj", L, self._linear(h, p + "attn_v.weight", p + "attn_v.bias", f"{L}.v_proj"))
+            h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps))
+            q = tap("q_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_Q, L, "q_proj", bias=True))  # (T, H*hd)
+            k = tap("k_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_K, L, "k_proj", bias=True))  # (T, KV*hd)
+            v = tap("v_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_V, L, "v_proj", bias=True))
             q = tap("q_post_rope", L, apply_rope(q.view(T, H, hd), cos, sin))
             k = tap("k_post_rope", L, apply_rope(k.view(T, KV, hd), cos, sin))
             kt, vt = k.view(T, KV, hd).transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)  # (KV, T, hd)
@@ -284,20 +289,20 @@ class Qwen2Model:
                 kt, vt = torch.cat((kt[:, :1], kt[:, :-1]), 1), torch.cat((vt[:, :1], vt[:, :-1]), 1)
             attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start)  # (H, T, hd)
             attn = tap("attention", L, attn.transpose(0, 1).reshape(T, H * hd))
-            o = tap("attn_out", L, self._linear(attn, p + "attn_output.weight", None, f"{L}.attn_out"))
+            o = tap("attn_out", L, self._block_linear(attn, MODEL_TENSOR.ATTN_OUT, L, "attn_out"))
             x = tap("post_attn_residual", L, x + o)
-            h = tap("ffn_norm", L, rms_norm(x, self.small(p + "ffn_norm.weight"), self.rms_eps))
-            g = tap("ffn_gate", L, self._linear(h, p + "ffn_gate.weight", None, f"{L}.ffn_gate"))
-            u = tap("ffn_up", L, self._linear(h, p + "ffn_up.weight", None, f"{L}.ffn_up"))
+            h = tap("ffn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.FFN_NORM, L)), self.rms_eps))
+            g = tap("ffn_gate", L, self._block_linear(h, MODEL_TENSOR.FFN_GATE, L, "ffn_gate"))
+            u = tap("ffn_up", L, self._block_linear(h, MODEL_TENSOR.FFN_UP, L, "ffn_up"))
             s = tap("ffn_swiglu", L, torch.nn.functional.silu(g) * u)
-            d = tap("ffn_out", L, self._linear(s, p + "ffn_down.weight", None, f"{L}.ffn_out"))
+            d = tap("ffn_out", L, self._block_linear(s, MODEL_TENSOR.FFN_DOWN, L, "ffn_out"))
             x = tap("post_ffn_residual", L, x + d)
         if logits_for == "last":
             x, positions = x[-1:], positions[-1:]
         elif isinstance(logits_for, slice):  # logits of some rows only (a scored half of a window)
             x, positions = x[logits_for], positions[logits_for]
-        h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small("output_norm.weight"), self.rms_eps))
-        head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
+        h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small(OUTPUT_NORM), self.rms_eps))
+        head = TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT
         return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, self._w(head), None, "lm_head"))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

@@ -20,12 +20,14 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import torch
+from gguf import MODEL_TENSOR
 
 from fp8parity.errors import WorkbookError
+from fp8parity.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBD, tensor_name
 from fp8parity.qwen2 import Qwen2Model, apply_rope, attention, rms_norm, rope_tables
-from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LAYER_STAGES, LINEAR_OPS, LOGITS, TapKey, forward_order
+from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LAYER_OPS, LINEAR_OPS, LOGITS, TapKey, forward_order
 
-GEMM_OPS = {op: (tap_in, stem, bias) for op, tap_in, stem, bias in LINEAR_OPS}
+GEMM_OPS = {op: (tap_in, kind, bias) for op, tap_in, kind, bias in LINEAR_OPS}
 NORM_OPS = ("attn_norm", "ffn_norm", FINAL_NORM)
 # op -> the class whose noise floor judges it; GEMMs take their class from the twin (gemm-fp32/bf16/fp8)
 OP_CLASS = {EMBEDDING: "lookup", "attn_norm": "rmsnorm", "ffn_norm": "rmsnorm", FINAL_NORM: "rmsnorm",
@@ -71,7 +73,7 @@ ALARM_FACTOR = 4.0  # an op diverges when its local error is more than this many
 def check_widths(trace: dict[TapKey, torch.Tensor], cfg) -> None:
     """Every tap as wide as the model says (a trace of another model, or a wrong op name, fails in one sentence)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    width = dict.fromkeys(LAYER_STAGES, cfg.hidden) | {"q_proj": q, "q_post_rope": q, "attention": q, "k_proj": kv,
+    width = dict.fromkeys(LAYER_OPS, cfg.hidden) | {"q_proj": q, "q_post_rope": q, "attention": q, "k_proj": kv,
                                                         "v_proj": kv, "k_post_rope": kv, "ffn_gate": cfg.ffn,
                                                         "ffn_up": cfg.ffn, "ffn_swiglu": cfg.ffn}
     width |= {EMBEDDING: cfg.hidden, FINAL_NORM: cfg.hidden, LOGITS: cfg.vocab}
@@ -126,11 +128,11 @@ class Replayer:
     def _gemm(self, op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         if op == LOGITS:
-            head = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
+            head = TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT
             return self.twin.linear(x, m._w(head), None, "lm_head")
-        _, stem, has_bias = GEMM_OPS[op]
-        b = m.small(f"blk.{layer}.{stem}.bias") if has_bias else None
-        return self.twin.linear(x, m._w(f"blk.{layer}.{stem}.weight"), b, f"{layer}.{op}")
+        _, kind, has_bias = GEMM_OPS[op]
+        b = m.small(tensor_name(kind, layer, "bias")) if has_bias else None
+        return self.twin.linear(x, m._w(tensor_name(kind, layer)), b, f"{layer}.{op}")
 
     def _recompute(self, op: str, layer: int, ps: list[int], tr, ids: list[int] | None) -> torch.Tensor | None:
         """The twin's output of `op` at positions `ps` (one forward), from the candidate's traced inputs."""
@@ -140,13 +142,13 @@ class Replayer:
 
         prev = (EMBEDDING, GLOBAL_LAYER) if layer == 0 else ("post_ffn_residual", layer - 1)
         if op == EMBEDDING:
-            return None if ids is None else m.gguf.rows("token_embd.weight", [ids[p] for p in ps]).to(dt)
+            return None if ids is None else m.gguf.rows(TOKEN_EMBD, [ids[p] for p in ps]).to(dt)
         if op in NORM_OPS:
             src = {"attn_norm": prev, "ffn_norm": ("post_attn_residual", layer),
                    FINAL_NORM: ("post_ffn_residual", cfg.n_layers - 1)}[op]
             x = _rows(tr, src[0], src[1], ps)
-            w = {"attn_norm": f"blk.{layer}.attn_norm.weight", "ffn_norm": f"blk.{layer}.ffn_norm.weight",
-                 FINAL_NORM: "output_norm.weight"}[op]
+            w = {"attn_norm": tensor_name(MODEL_TENSOR.ATTN_NORM, layer), "ffn_norm": tensor_name(MODEL_TENSOR.FFN_NORM, layer),
+                 FINAL_NORM: OUTPUT_NORM}[op]
             return None if x is None else rms_norm(x, m.small(w).to(dt), cfg.rms_eps)
         if op in GEMM_OPS or op == LOGITS:
             x = _rows(tr, FINAL_NORM if op == LOGITS else GEMM_OPS[op][0], layer, ps)
@@ -181,7 +183,7 @@ class Replayer:
         """One row per (position, layer, op) of the trace: the candidate's output against its twin's."""
         positions = sorted({p for p, _, _ in trace})
         layers = list(range(self.cfg.n_layers)) if layers is None else layers
-        plan = [(op, GLOBAL_LAYER) for op in (EMBEDDING,)] + [(op, L) for L in layers for op in LAYER_STAGES] + [
+        plan = [(op, GLOBAL_LAYER) for op in (EMBEDDING,)] + [(op, L) for L in layers for op in LAYER_OPS] + [
             (FINAL_NORM, GLOBAL_LAYER), (LOGITS, GLOBAL_LAYER)]
         plan = [(op, L) for op, L in plan if ops is None or op in ops]
         out = []

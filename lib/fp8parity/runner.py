@@ -69,6 +69,15 @@ def notebook_parameters(cfg: RunConfig, run: Path) -> dict:
             "CORPUS_TOKENS": cfg.corpus_tokens}
 
 
+def declared(notebook: Path, params: dict) -> dict:
+    """The parameters a notebook declares in its parameters cell (as papermill's inspection reports them): each
+    notebook gets only those, so none is handed a value it would silently ignore."""
+    import papermill as pm
+
+    names = pm.inspect_notebook(str(notebook))
+    return {k: v for k, v in params.items() if k in names}
+
+
 def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: bool = False) -> int:
     """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail).
 
@@ -87,8 +96,8 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
         if not quiet:
             print(f"[{nb.stem}] running ...", flush=True)
         try:
-            pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(NOTEBOOK_DIR), kernel_name="python3",
-                                progress_bar=False, log_output=False)
+            pm.execute_notebook(str(nb), str(out), parameters=declared(nb, params), cwd=str(NOTEBOOK_DIR),
+                                kernel_name="python3", progress_bar=False, log_output=False)
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
             failed.append(nb.stem)
             last = str(exc).strip().splitlines()
@@ -161,53 +170,57 @@ def verdict_table(run: Path):
 
     from fp8parity.stages import STAGES
 
-    found = {}
-    for p in sorted((Path(run) / "verdicts").glob("stage_*.json")):
-        v = json.loads(p.read_text())
-        found[v["stage"]] = v
+    found = _read_verdicts(Path(run))
     return pd.DataFrame([{"stage": s, "title": found[s]["title"] if s in found else title,
                           "status": found[s]["status"] if s in found else "unmeasured",
                           "summary": found[s]["summary"] if s in found else "this stage did not run (see its report)"}
                          for s, title in STAGES.items()])
 
 
-def write_index(run: Path, failed: list[str]) -> Path:
-    """index.html: a verdict per stage linking each report, provenance, the drift figure embedded."""
-    verdicts = {}
-    for p in sorted((run / "verdicts").glob("stage_*.json")):
-        v = json.loads(p.read_text())
-        verdicts[v["stage"]] = v
-    prov = next(iter(verdicts.values()))["provenance"] if verdicts else {}
-    reports = {p.name[:2]: p.name for p in sorted(run.glob("[0-9][0-9]_*.html"))}
-    rows = []
-    from fp8parity.stages import MARK_COLORS as colors
-    from fp8parity.stages import STAGES
+def _read_verdicts(run: Path) -> dict[str, dict]:
+    return {v["stage"]: v for v in (json.loads(p.read_text()) for p in sorted((run / "verdicts").glob("stage_*.json")))}
 
+
+def _verdict_rows(verdicts: dict[str, dict], reports: dict[str, str]) -> str:
+    from fp8parity.stages import MARK_COLORS, STAGES
+
+    rows = []
     for i, (stage, title) in enumerate(STAGES.items(), start=1):
         v = verdicts.get(stage)
         status = v["status"] if v else "unmeasured"
         summary = v["summary"] if v else "did not run (see its report)"
         link = reports.get(f"{i:02d}")
         name = f'<a href="{link}">{html.escape(title)}</a>' if link else html.escape(title)
-        rows.append(f'<tr><td>{stage}</td><td>{name}</td><td style="color:{colors[status]};font-weight:bold">'
+        rows.append(f'<tr><td>{stage}</td><td>{name}</td><td style="color:{MARK_COLORS[status]};font-weight:bold">'
                     f'{status.upper()}</td><td>{html.escape(summary)}</td></tr>')
+    return "".join(rows)
+
+
+def _cost_table(run: Path, verdicts: dict[str, dict]) -> str:
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
     res_rows = "".join(
         f"<tr><td>{html.escape(nb)}</td><td>{sec}</td>"
         f"<td>{_fmt((verdicts.get(st) or {}).get('provenance', {}).get('resources', {}).get('host_peak_rss_gb'))}</td>"
         f"<td>{_fmt((verdicts.get(st) or {}).get('provenance', {}).get('resources', {}).get('gpu_peak_gb'))}</td></tr>"
         for nb, sec in timings.items() for st in [_stage_of(nb)])
-    resources_html = ("<h2>Cost</h2><table><tr><th>notebook</th><th>wall s</th><th>host peak RSS GB</th>"
-                      f"<th>GPU peak GB</th></tr>{res_rows}</table>") if res_rows else ""
+    return ("<h2>Cost</h2><table><tr><th>notebook</th><th>wall s</th><th>host peak RSS GB</th>"
+            f"<th>GPU peak GB</th></tr>{res_rows}</table>") if res_rows else ""
+
+
+def _figures(run: Path) -> str:
+    """The headline figures, embedded: the page opens from disk or from the archive with nothing beside it."""
     figures = [("Logits affine drift (stage A)", run / "affine_drift.png"),
                ("Stage B: local error of every op against the twin, per layer (prompt 0, prefill)",
                 run / "stage_b_local_prompt0_prefill.png"),
                ("Stage B: drift against the reference along the residual stream", run / "stage_b_drift.png")]
-    img = "".join(f'<h2>{html.escape(title)}</h2><img style="max-width:100%" src="data:image/png;base64,'
-                  f'{base64.b64encode(fig.read_bytes()).decode()}">' for title, fig in figures if fig.is_file())
+    return "".join(f'<h2>{html.escape(title)}</h2><img style="max-width:100%" src="data:image/png;base64,'
+                   f'{base64.b64encode(fig.read_bytes()).decode()}">' for title, fig in figures if fig.is_file())
+
+
+def _provenance_rows(run: Path, prov: dict) -> list[tuple[str, object]]:
     backend = prov.get("backend", {})
-    model_file = Path(prov.get("model_file", "?")).name
-    info = [("model", f"{prov.get('model')} ({model_file}, sha256 {prov.get('model_sha256', '?')[:16]}…)"),
+    return [("model", f"{prov.get('model')} ({Path(prov.get('model_file', '?')).name}, sha256 "
+                      f"{prov.get('model_sha256', '?')[:16]}…)"),
             ("candidate backend", f"{backend.get('name')} " + ", ".join(
                 f"{k}={v}" for k, v in backend.items() if k not in ("name", "recipe_repr", "card"))),
             ("recipe", prov.get("recipe")), ("fault", prov.get("fault")), ("threshold", prov.get("threshold")),
@@ -216,6 +229,15 @@ def write_index(run: Path, failed: list[str]) -> Path:
                                    f"them out)"),
             ("distribution parity (notebook 09)", distribution_line(run)),
             ("versions", json.dumps(prov.get("versions", {})))]
+
+
+def write_index(run: Path, failed: list[str]) -> Path:
+    """index.html: a verdict per stage linking each report, provenance, cost, the headline figures embedded."""
+    verdicts = _read_verdicts(run)
+    prov = next(iter(verdicts.values()))["provenance"] if verdicts else {}
+    reports = {p.name[:2]: p.name for p in sorted(run.glob("[0-9][0-9]_*.html"))}
+    info = _provenance_rows(run, prov)
+    rows, resources_html, img = _verdict_rows(verdicts, reports), _cost_table(run, verdicts), _figures(run)
     others = "".join(f'<li><a href="{name}">{name}</a></li>' for name in reports.values())
     fails = f'<p style="color:#cf222e">Notebooks that failed to execute: {", ".join(failed)}</p>' if failed else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>FP8 parity run {run.name}</title>
@@ -225,7 +247,7 @@ th{{background:#f6f8fa;text-align:left}}</style></head><body>
 <h1>FP8 parity cascade — run {html.escape(run.name)}</h1>{fails}
 <table>{''.join(f'<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>' for k, v in info)}</table>
 <h2>Verdicts</h2><table><tr><th>stage</th><th>what</th><th>verdict</th><th>the number behind it</th></tr>
-{''.join(rows)}</table>{img}{resources_html}<h2>Reports</h2><ul>{others}</ul></body></html>"""
+{rows}</table>{img}{resources_html}<h2>Reports</h2><ul>{others}</ul></body></html>"""
     out = run / "index.html"
     out.write_text(page, encoding="utf-8")
     (run / "verdicts.json").write_text(json.dumps({"run": run.name, "failed_notebooks": failed,

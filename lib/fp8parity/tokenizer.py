@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jinja2
 import numpy as np
+from gguf import Keys
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
@@ -35,12 +36,12 @@ class GGUFTokenizer:
     """Encode/decode with the GGUF's own BPE; render its chat template; know its stop tokens."""
 
     def __init__(self, model: GGUFModel):
-        kind = model.meta("tokenizer.ggml.model")
+        kind = model.meta(Keys.Tokenizer.MODEL)
         if kind != "gpt2":
             raise WorkbookError(f"tokenizer model {kind!r} is not supported; qwen2 GGUFs use 'gpt2' (byte-level BPE).")
-        tokens = _strings(model, "tokenizer.ggml.tokens")
-        merges = [tuple(m.split(" ", 1)) for m in _strings(model, "tokenizer.ggml.merges")]
-        types_field = model.reader.fields["tokenizer.ggml.token_type"]
+        tokens = _strings(model, Keys.Tokenizer.LIST)
+        merges = [tuple(m.split(" ", 1)) for m in _strings(model, Keys.Tokenizer.MERGES)]
+        types_field = model.reader.fields[Keys.Tokenizer.TOKEN_TYPE]
         types = np.array([int(types_field.parts[i][0]) for i in types_field.data])
         vocab = {t: i for i, t in enumerate(tokens)}
         bpe = BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
@@ -60,7 +61,7 @@ class GGUFTokenizer:
         self.chat_template = model.chat_template
         self.eos_id = model.config.eos_id
         self.bos_id = model.config.bos_id
-        self.add_bos = bool(model.meta("tokenizer.ggml.add_bos_token", False))
+        self.add_bos = bool(model.meta(Keys.Tokenizer.ADD_BOS, False))
 
     @property
     def vocab_size(self) -> int:

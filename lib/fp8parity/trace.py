@@ -1,10 +1,10 @@
 """Traces on disk: tapped tensors (safetensors) plus a JSON of what produced them.
 
 Layout of a trace folder:
-    tensors.safetensors   keys "p{position}.L{layer}.{stage}" (layer -1 for embedding/final_norm/logits), float32
+    tensors.safetensors   keys "p{position}.L{layer}.{op}" (layer -1 for embedding/final_norm/logits), float32
     meta.json             model, file sha256, backend, recipe, path (prefill|decode), prompt ids, versions, card
 
-Bringing your own engine's dump: a folder with one `p{position}.L{layer}.{stage}.npy` per tap (same key,
+Bringing your own engine's dump: a folder with one `p{position}.L{layer}.{op}.npy` per tap (same key,
 float32 or anything numpy can load as a vector) and an optional meta.json; `load_trace` reads either.
 """
 
@@ -26,14 +26,14 @@ KEY_RE = re.compile(r"^p(\d+)\.L(-?\d+)\.([a-z_]+)$")
 
 
 def key_str(key: TapKey) -> str:
-    pos, layer, stage = key
-    return f"p{pos}.L{layer}.{stage}"
+    pos, layer, op = key
+    return f"p{pos}.L{layer}.{op}"
 
 
 def parse_key(s: str) -> TapKey:
     m = KEY_RE.match(s)
     if not m:
-        raise WorkbookError(f"trace key {s!r} is not of the form p<position>.L<layer>.<stage>.")
+        raise WorkbookError(f"trace key {s!r} is not of the form p<position>.L<layer>.<op>.")
     return int(m.group(1)), int(m.group(2)), m.group(3)
 
 
@@ -87,5 +87,5 @@ def load_trace(folder: Path) -> tuple[dict[TapKey, torch.Tensor], dict]:
         return {parse_key(k): v for k, v in load_file(str(st)).items()}, meta
     npys = sorted(folder.glob("p*.L*.*.npy"))
     if not npys:
-        raise WorkbookError(f"{folder} holds no tensors.safetensors and no p<pos>.L<layer>.<stage>.npy files.")
+        raise WorkbookError(f"{folder} holds no tensors.safetensors and no p<pos>.L<layer>.<op>.npy files.")
     return {parse_key(p.stem): torch.from_numpy(np.load(p).astype(np.float32).reshape(-1)) for p in npys}, meta

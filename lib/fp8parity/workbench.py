@@ -7,13 +7,12 @@ The reference is the CPU fp32 forward; the candidate is the same forward with th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fp8parity.backends import make_backend
-from fp8parity.config import DEFAULT_PROMPTS, DEFAULT_THRESHOLD, RunConfig
+from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 from fp8parity.faults import Fault, get_fault
 from fp8parity.gguf_file import GGUFModel
@@ -24,35 +23,24 @@ from fp8parity.trace import machine, versions
 PROBE_TOKEN = 791  # the investigation's stage-A probe token
 
 
-@dataclass
-class Params:
-    """The notebooks' parameters cell, as one object."""
-
-    model: str
-    backend: str = RunConfig.backend
-    recipe: str = RunConfig.recipe
-    prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPTS[0]])
-    threshold: float = DEFAULT_THRESHOLD
-    run_dir: str = "runs/interactive"
-    fault: str = RunConfig.fault
-    accumulate: str = RunConfig.accumulate
-
-
 class Workbench:
-    def __init__(self, params: Params):
-        self.params = params
-        self.fault: Fault = get_fault(params.fault)
-        self.gguf = GGUFModel(params.model)
+    """Opened from a RunConfig (every default lives there) and the folder its results go to."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.prompts = cfg.judged_prompts()
+        self.fault: Fault = get_fault(cfg.fault)
+        self.gguf = GGUFModel(cfg.model)
         self.tok = GGUFTokenizer(self.gguf)
-        self.run_dir = Path(params.run_dir)
+        self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ref_opts = self.fault.forward_options() if self.fault.side == "reference" else ForwardOptions()
         cand_opts = self.fault.forward_options() if self.fault.side == "candidate" else ForwardOptions()
         self.reference = Qwen2Model(self.gguf, options=ref_opts)
-        recipe = self.fault.recipe or params.recipe
+        recipe = self.fault.recipe or cfg.recipe
         backend_opts = dict(self.fault.backend_options)
         granularity = backend_opts.pop("granularity", None)
-        self.backend = make_backend(params.backend, recipe=recipe, accumulate=params.accumulate, **backend_opts)
+        self.backend = make_backend(cfg.backend, recipe=recipe, accumulate=cfg.accumulate, **backend_opts)
         if granularity is not None:
             if self.backend.name != "emulated-fp8":
                 raise WorkbookError(f"fault {self.fault.name} needs BACKEND=emulated-fp8, not {self.backend.name}.")
@@ -71,7 +59,7 @@ class Workbench:
         return self._oracle
 
     def prompt_ids(self, i: int = 0) -> list[int]:
-        return self.tok.chat_ids(self.params.prompts[i])
+        return self.tok.chat_ids(self.prompts[i])
 
     def prepare_candidate(self, ids: list[int]) -> None:
         """Recipes that need calibration (delayed-calibrated) see the prompt once before they are judged."""
@@ -81,8 +69,8 @@ class Workbench:
         """What every report states: model, file hash, backend, recipe, fault, card, versions."""
         return {
             "model": self.gguf.config.name, "model_file": str(self.gguf.path), "model_sha256": self.gguf.sha256,
-            "backend": self.backend.describe(), "recipe": self.fault.recipe or self.params.recipe,
-            "fault": self.fault.name, "threshold": self.params.threshold, "prompts": self.params.prompts,
+            "backend": self.backend.describe(), "recipe": self.fault.recipe or self.cfg.recipe,
+            "fault": self.fault.name, "threshold": self.cfg.threshold, "prompts": self.prompts,
             "machine": machine(), "versions": versions(), "resources": resources(),
         }
 

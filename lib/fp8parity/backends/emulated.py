@@ -16,6 +16,7 @@ import torch
 
 from fp8parity import fp8
 from fp8parity.backends.base import LinearBackend
+from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 
 GRANULARITIES = ("tensor", "delayed", "delayed-calibrated", "rowwise", "block", "batch-ftz")
@@ -33,7 +34,7 @@ BLOCK = 128
 class EmulatedFP8Backend(LinearBackend):
     name = "emulated-fp8"
 
-    def __init__(self, granularity: str = "tensor", accumulate: str = "fp32", output_dtype: str = "fp32",
+    def __init__(self, granularity: str = "tensor", accumulate: str = RunConfig.accumulate, output_dtype: str = "fp32",
                  bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = True,
                  input_scales: dict[str, float] | None = None):
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fp8parity.backends.base import LinearBackend, ReferenceBackend
 from fp8parity.backends.emulated import EmulatedFP8Backend
+from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 
 BACKEND_NAMES = ("reference", "bf16", "te", "torch-fp8", "emulated-fp8", "auto")
@@ -26,7 +27,7 @@ def auto_choice() -> str:
     return "emulated-fp8"
 
 
-def make_backend(name: str, recipe: str = "current", accumulate: str = "fp32", fast_accum: bool = False,
+def make_backend(name: str, recipe: str = RunConfig.recipe, accumulate: str = RunConfig.accumulate, fast_accum: bool = False,
                  quiet: bool = False, **emulated_options) -> LinearBackend:
     """name in BACKEND_NAMES; recipe in RECIPES (ignored by reference and bf16)."""
     if name not in BACKEND_NAMES:

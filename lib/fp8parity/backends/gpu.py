@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fp8parity import fp8
 from fp8parity.backends.base import LinearBackend
+from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 
 TE_RECIPES = ("delayed", "delayed-calibrated", "current", "block")
@@ -132,7 +133,7 @@ class TEBackend(LinearBackend):
 
     name = "te"
 
-    def __init__(self, recipe: str = "current"):
+    def __init__(self, recipe: str = RunConfig.recipe):
         super().__init__()
         if recipe not in TE_RECIPES:
             raise WorkbookError(f"unknown TE recipe {recipe!r}; choose one of {', '.join(TE_RECIPES)}.")
