@@ -80,7 +80,7 @@ def test_every_notebook_declares_what_it_uses_and_gets_only_that(path):
 def tiny_run(tiny_path, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     rc = run_all(RunConfig(model=str(tiny_path), backend="emulated-fp8", run_id="ci", max_prompts=1,
-                           max_new_tokens=8), runs_dir=str(runs), quiet=True)
+                           max_new_tokens=8, jobs=2), runs_dir=str(runs), quiet=True)  # two notebooks at a time
     return rc, runs
 
 
@@ -108,6 +108,9 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tiny_r
     assert list(run.glob("traces/*/candidate/tensors.safetensors"))  # the candidate's traces stay in the run folder
     assert not list(run.glob("traces/*/reference"))  # the reference's are recomputable: kept only with ARCHIVE=full
     assert "run folder on disk" in index
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings) == {p.stem for p in NOTEBOOKS} | {"total wall"}
+    assert timings["total wall"] < sum(v for k, v in timings.items() if k != "total wall")  # they overlapped
     with pytest.raises(WorkbookError, match="never overwrite"):
         run_all(RunConfig(model=str(tiny_path), run_id="ci"), runs_dir=str(tmp_path))
 

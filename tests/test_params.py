@@ -30,6 +30,8 @@ BAD = [
     (["--prompt", ""], "PROMPT is empty"),
     (["--prompt", "   "], "PROMPT is empty"),
     (["--max-new-tokens", "0"], "MAX_NEW_TOKENS=0 must be at least 1"),
+    (["--jobs", "-1"], "JOBS=-1 must be 0"),
+    (["--jobs", "many"], "JOBS='many' is not a whole number"),
     (["--fault", "nofault"], "unknown fault 'nofault'"),
     (["--run-id", "../escape"], "RUN_ID='../escape' may hold only"),
     (["--accumulate", "int8"], "ACCUMULATE='int8' is unknown"),

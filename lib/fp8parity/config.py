@@ -50,6 +50,7 @@ class RunConfig:
     archive: str = _param("reviewer", "reviewer: reports, figures, verdicts; full: also a second archive with the traces")
     corpus: str = _param("", "notebook 09: a UTF-8 text file (default: Python standard library sources)")
     corpus_tokens: int = _param(4096, "notebook 09: how many corpus tokens (whole windows of 512)")
+    jobs: int = _param(0, "notebooks run at once (0: one on a CPU-only machine, up to four on a GPU host)")
 
     @classmethod
     def from_strings(cls, **given: str | None) -> RunConfig:
@@ -82,7 +83,7 @@ def _parse(name: str, raw):
             return float(raw)
         except ValueError:
             raise WorkbookError(f"THRESHOLD={raw!r} is not a number; give a cosine in (0, 1], e.g. 0.99.") from None
-    if name in ("max_prompts", "max_new_tokens", "corpus_tokens"):
+    if name in ("max_prompts", "max_new_tokens", "corpus_tokens", "jobs"):
         try:
             return int(raw)
         except ValueError:
@@ -123,6 +124,8 @@ def validate(cfg: RunConfig, need_model: bool = True) -> None:
         raise WorkbookError(f"RUN_ID={cfg.run_id!r} may hold only letters, digits, '.', '_' and '-'.")
     if cfg.archive not in ARCHIVES:
         raise WorkbookError(f"ARCHIVE={cfg.archive!r} is unknown; choose reviewer or full.")
+    if cfg.jobs < 0:
+        raise WorkbookError(f"JOBS={cfg.jobs} must be 0 (automatic) or a number of notebooks to run at once.")
     if cfg.corpus_tokens < 512:
         raise WorkbookError(f"CORPUS_TOKENS={cfg.corpus_tokens} must be at least 512 (one window).")
     if cfg.corpus and not Path(cfg.corpus).is_file():

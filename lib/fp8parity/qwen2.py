@@ -221,7 +221,8 @@ class Qwen2Model:
         if self.options.activation_quant == "q8_k":
             x = quantize_q8_k(x)
         b = self.small(bias) if bias else None
-        return self.backend.linear(x, self._w(weight), b, key)
+        w = None if self.backend.holds(key) else self._w(weight)  # a streamed weight is not dequantized again
+        return self.backend.linear(x, w, b, key)
 
     def _block_linear(self, x: torch.Tensor, kind: MODEL_TENSOR, layer: int, op: str, bias: bool = False) -> torch.Tensor:
         """A block's linear layer by its GGUF tensor kind (blk.<layer>.<kind>.weight, and .bias where it has one)."""
@@ -247,6 +248,11 @@ class Qwen2Model:
         """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab).
 
         `path` names the engine path this call belongs to (prefill, or a decode step): faults may be tied to one."""
+        with self.backend.forward_context():  # Transformer Engine's autocast, entered once per forward
+            return self._forward(ids, cache, recorder, logits_for, path)
+
+    def _forward(self, ids: list[int], cache: KVCache | None, recorder: Recorder | None, logits_for: str | slice,
+                 path: str) -> torch.Tensor:
         cfg, rec, opts = self.cfg, recorder, self.options
         if cache is None:
             cache = KVCache()
@@ -303,7 +309,8 @@ class Qwen2Model:
             x, positions = x[logits_for], positions[logits_for]
         h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small(OUTPUT_NORM), self.rms_eps))
         head = TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT
-        return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, self._w(head), None, "lm_head"))
+        w = None if self.backend.holds("lm_head") else self._w(head)
+        return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, w, None, "lm_head"))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q: (H, T, hd); k, v: (KV, S, hd) with S = start + T. Grouped-query, causal."""

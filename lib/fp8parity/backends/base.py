@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -14,11 +16,20 @@ class LinearBackend:
 
     def __init__(self) -> None:
         self.stats: dict[str, dict] = {}
-        self.collect_stats = True  # per-GEMM FP8 statistics (turned off where they cost more than they tell)
+        self.collect_stats = False  # per-GEMM FP8 statistics: only on request (stage E), never in a timed forward
         self._weight_stats: dict[str, tuple[torch.Tensor, dict]] = {}
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.Tensor:
+        """x @ w.T + b as this backend computes it; `w` may be None when `holds(key)`: the backend kept its own copy."""
         raise NotImplementedError
+
+    def holds(self, key: str) -> bool:
+        """Whether the backend already holds its own copy of this GEMM's weight (so the forward need not fetch it)."""
+        return False
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Entered once around a whole forward (Transformer Engine's autocast); nothing by default."""
+        return contextlib.nullcontext()
 
     def record_stats(self, key: str, x: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> None:
         """FP8 statistics of one GEMM's operands; a weight's are computed once per (weight, scale)."""
@@ -44,3 +55,13 @@ class ReferenceBackend(LinearBackend):
 
     def linear(self, x, w, b, key):
         return F.linear(x, w.to(x.device, x.dtype), None if b is None else b.to(x.device, x.dtype))
+
+
+@contextlib.contextmanager
+def collecting_stats(backend: LinearBackend):
+    """Per-GEMM FP8 statistics on for the duration (the stage that shows them asks; every other forward runs without)."""
+    old, backend.collect_stats = backend.collect_stats, True
+    try:
+        yield backend
+    finally:
+        backend.collect_stats = old

@@ -35,7 +35,7 @@ class EmulatedFP8Backend(LinearBackend):
     name = "emulated-fp8"
 
     def __init__(self, granularity: str = "tensor", accumulate: str = RunConfig.accumulate, output_dtype: str = "fp32",
-                 bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = True,
+                 bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = False,
                  input_scales: dict[str, float] | None = None):
         super().__init__()
         self.collect_stats = collect_stats

@@ -63,6 +63,9 @@ class BF16Backend(LinearBackend):
         self.device = require_cuda("bf16")
         self._w: dict[str, torch.Tensor] = {}
 
+    def holds(self, key):
+        return key in self._w
+
     def linear(self, x, w, b, key):
         wb = self._w.get(key)
         if wb is None:  # weights are constant: move and round them once
@@ -100,11 +103,14 @@ class TorchFP8Backend(LinearBackend):
         wq = fp8.quantize(w32, sw)
         return wq, sw, w32
 
+    def holds(self, key):
+        return key in self._w
+
     def linear(self, x, w, b, key):
         cached = self._w.get(key)
         if cached is None:  # weights are constant: quantize them once per GEMM
-            cached = self._w[key] = self.quantize_weight(w, key)
-        wq, sw, w32 = cached
+            cached = self._w[key] = (*self.quantize_weight(w, key), w.shape[0])
+        wq, sw, w32, n = cached
         x32 = x.to(self.device, torch.float32)
         xp, t = _pad_rows(x32)
         sx = self._scale(xp)
@@ -116,7 +122,7 @@ class TorchFP8Backend(LinearBackend):
         if self.granularity == "tensor":
             sa = sa.reshape(())
         y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32,
-                             use_fast_accum=self.fast_accum)[:t, : w.shape[0]]
+                             use_fast_accum=self.fast_accum)[:t, :n]
         if b is not None:
             y = y + b.to(self.device, torch.float32)
         return y.to(x.dtype)
@@ -133,8 +139,14 @@ class TEBackend(LinearBackend):
 
     name = "te"
 
-    def __init__(self, recipe: str = RunConfig.recipe):
+    def __init__(self, recipe: str = RunConfig.recipe, cache_weights: bool = True, one_autocast: bool = True):
         super().__init__()
+        # cache_weights: each weight quantized to FP8 once (TE's is_first_microbatch=True, then False), not per call;
+        # one_autocast: one te.autocast around the whole forward, not one per linear call. Both leave the numbers
+        # unchanged (tests/test_gpu.py shows it bit for bit); off, they give the path as it was, for that comparison.
+        self.cache_weights, self.one_autocast = cache_weights, one_autocast
+        self._quantized: set[str] = set()  # weights whose FP8 copy TE holds for the current scales
+        self._in_autocast = False
         if recipe not in TE_RECIPES:
             raise WorkbookError(f"unknown TE recipe {recipe!r}; choose one of {', '.join(TE_RECIPES)}.")
         self.device = require_fp8_gpu("te")
@@ -175,35 +187,58 @@ class TEBackend(LinearBackend):
             "params_dtype": "float32", "row_padding": ROW_MULTIPLE,
         }
 
-    def module(self, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.nn.Module:
+    def holds(self, key):
+        return key in self.modules
+
+    def module(self, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.nn.Module:
         mod = self.modules.get(key)
         if mod is None:
-            w, b = _pad_out_features(w, b)
-            out_f, in_f = w.shape
-            mod = self.te.Linear(in_f, out_f, bias=b is not None, params_dtype=torch.float32, device=self.device)
-            with torch.no_grad():
-                mod.weight.copy_(w.to(self.device, torch.float32))
-                if b is not None:
-                    mod.bias.copy_(b.to(self.device, torch.float32))
-            mod.eval()
-            self.modules[key] = mod
+            mod = self.modules[key] = self._build(w, b)
+            mod.n_out = w.shape[0]  # before padding: outputs are sliced back to it
         return mod
+
+    def _build(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.nn.Module:
+        w, b = _pad_out_features(w, b)
+        out_f, in_f = w.shape
+        mod = self.te.Linear(in_f, out_f, bias=b is not None, params_dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            mod.weight.copy_(w.to(self.device, torch.float32))
+            if b is not None:
+                mod.bias.copy_(b.to(self.device, torch.float32))
+        return mod.eval()
+
+    def forward_context(self):
+        if not (self.one_autocast and self.phase == "run"):
+            return super().forward_context()
+        return _Flagged(self, self.te.autocast(enabled=True, recipe=self.recipe))
+
+    def _first_microbatch(self, key: str) -> bool | None:
+        """TE quantizes the weight when True and reuses that FP8 copy when False; None: every call (calibration)."""
+        if not self.cache_weights or self.phase != "run":
+            self._quantized.discard(key)  # the scales move while calibrating: quantize again afterwards
+            return None
+        first = key not in self._quantized
+        self._quantized.add(key)
+        return first
 
     def linear(self, x, w, b, key):
         mod = self.module(w, b, key)
         xp, t = _pad_rows(x.to(self.device, torch.float32))
+        first = self._first_microbatch(key)
         if self.phase == "calibrate":
             with torch.enable_grad(), self.te.autocast(enabled=False, calibrating=True, recipe=self.recipe):
                 y = mod(xp)
         elif self.phase == "update":
             with torch.enable_grad(), self.te.autocast(enabled=True, recipe=self.recipe):
                 y = mod(xp)
+        elif self._in_autocast:
+            y = mod(xp, is_first_microbatch=first)
         else:
             with self.te.autocast(enabled=True, recipe=self.recipe):
-                y = mod(xp)
+                y = mod(xp, is_first_microbatch=first)
         if self.collect_stats:
             self._record_stats(mod, xp[:t], key)
-        return y[:t, : w.shape[0]].detach().to(x.dtype)
+        return y[:t, : mod.n_out].detach().to(x.dtype)
 
     def used_input_scales(self) -> dict[str, float]:
         """delayed-calibrated: the input scale TE holds for each GEMM (what a trace records for its twin)."""
@@ -222,3 +257,19 @@ class TEBackend(LinearBackend):
         else:
             return
         self.record_stats(key, x, sx, w, sw)
+
+
+class _Flagged:
+    """A context manager that also marks the backend as inside it (its linear calls then skip their own autocast)."""
+
+    def __init__(self, backend, inner):
+        self.backend, self.inner = backend, inner
+
+    def __enter__(self):
+        self.inner.__enter__()
+        self.backend._in_autocast = True
+        return self
+
+    def __exit__(self, *exc):
+        self.backend._in_autocast = False
+        return self.inner.__exit__(*exc)

@@ -12,6 +12,7 @@ from gguf import MODEL_TENSOR
 from tqdm import tqdm
 
 from fp8parity import metrics
+from fp8parity.backends.base import collecting_stats
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.config import DEFAULT_THRESHOLD
 from fp8parity.names import tensor_name
@@ -35,7 +36,7 @@ def control_granularity(backend) -> str:
 def _fp64_of_e4m3(granularity: str, x: torch.Tensor, w: torch.Tensor, b, key: str) -> tuple[torch.Tensor, dict]:
     """The GEMM in fp64 on operands rounded to E4M3 at `granularity` (quantization error only), and its FP8
     statistics."""
-    emu = EmulatedFP8Backend(granularity, accumulate="fp64")
+    emu = EmulatedFP8Backend(granularity, accumulate="fp64", collect_stats=True)
     xq, wq, sx, sw = emu.quantize_operands(x.cpu().float(), w.cpu().float(), key)
     return emu._gemm(xq, wq, sx, sw) + (b.double() if b is not None else 0), emu.stats.get(key)
 
@@ -114,8 +115,9 @@ def measure_e(wb: Workbench, layers: list[int] | None = None, synthetic_batches=
     investigation's shape (hidden, batch, hidden) on Gaussian activations with one outlier channel."""
     wb.prepare_candidate(wb.prompt_ids())
     layers = list(range(wb.gguf.config.n_layers)) if layers is None else layers
-    rows, per_dim = _model_gemms(wb, layers)
-    rows += _synthetic_gemms(wb.backend, synthetic_batches, synthetic_hidden, outlier_factor)
+    with collecting_stats(wb.backend):  # the FP8 statistics this stage shows
+        rows, per_dim = _model_gemms(wb, layers)
+        rows += _synthetic_gemms(wb.backend, synthetic_batches, synthetic_hidden, outlier_factor)
     return MatmulResult(pd.DataFrame(rows), per_dim)
 
 

@@ -1,0 +1,43 @@
+"""The fast GPU paths change no number: FP8 weights quantized once and one autocast per forward give logits and
+every tap bit-identical to the per-call path, for each Transformer Engine recipe. Runs on a CUDA FP8 GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8parity.backends.gpu import TEBackend
+from fp8parity.gguf_file import GGUFModel
+from fp8parity.qwen2 import Qwen2Model
+from fp8parity.taps import Recorder
+from fp8parity.workbench import calibrate
+
+pytestmark = pytest.mark.gpu
+needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                   reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+
+
+def traced(model: Qwen2Model, ids: list[int], path: str) -> dict:
+    rec = Recorder()
+    model.run(ids, path, rec)
+    model.run(ids, path, rec)  # twice: the second call reuses the cached FP8 weights
+    return rec.tensors
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("recipe", ["current", "block", "delayed-calibrated", "delayed"])
+def test_cached_fp8_weights_and_one_autocast_are_bit_identical_to_the_per_call_path(tiny_path, recipe):
+    pytest.importorskip("transformer_engine")
+    g = GGUFModel(tiny_path)
+    ids = list(range(3, 40))
+    sides = []
+    for fast in (False, True):
+        model = Qwen2Model(g, backend=TEBackend(recipe, cache_weights=fast, one_autocast=fast))
+        model.backend.collect_stats = False
+        calibrate(model, ids)
+        sides.append({path: traced(model, ids, path) for path in ("prefill", "decode")})
+    for path in ("prefill", "decode"):
+        slow, fast = sides[0][path], sides[1][path]
+        assert slow.keys() == fast.keys()
+        different = [k for k in slow if not torch.equal(slow[k], fast[k])]
+        assert not different, (recipe, path, different[:5])
