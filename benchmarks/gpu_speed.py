@@ -36,13 +36,15 @@ SHAPES = {"0.5b": dict(n_layers=24, hidden=896, n_heads=14, n_kv_heads=2, ffn=48
 
 def synthetic(name: str, folder: Path) -> Path:
     """A GGUF with the named model's shapes (random Q4_K weights, the tiny tokenizer padded to Qwen2.5's vocabulary)."""
-    from fp8parity.models import SynthSpec, tiny_tokenizer, write_7b_shaped
+    from fp8parity.models import SynthSpec, tiny_tokenizer, write_7b_shaped, write_f16_shaped
 
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"speed-{name}.gguf"
     if not path.is_file():
         spec = SynthSpec(**SHAPES[name], vocab=151936 if name == "0.5b" else 152064, context=32768, outlier_dim=408,
                          name=f"qwen2-{name}-shaped-synthetic")
-        write_7b_shaped(path, tiny_tokenizer(), spec)
+        # the 7B's widths are multiples of Q4_K's 256-element blocks; the 0.5B's 896 is not: F16 matrices there
+        (write_7b_shaped if name == "7b" else write_f16_shaped)(path, tiny_tokenizer(), spec)
     return path
 
 

@@ -341,3 +341,23 @@ def write_7b_shaped(path: Path, tokenizer: TokenizerData, spec: SynthSpec = SEVE
     w.close()
     os.replace(partial, path)
     return path
+
+
+def write_f16_shaped(path: Path, tokenizer: TokenizerData, spec: SynthSpec) -> Path:
+    """A qwen2 GGUF of any shapes with F16 matrices (no block-size constraint: 896 columns are fine), for speed
+    measurements: the forward's cost does not depend on how the file stores its weights."""
+    tokenizer = padded(tokenizer, spec.vocab)
+    rng = np.random.default_rng(spec.seed)
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    w = GGUFWriter(str(partial), "qwen2")
+    _write_header(w, spec, tokenizer)
+    for name, shape, _layer in _tensor_shapes(spec, len(tokenizer.tokens)):
+        t = _float_tensor(name, shape, spec, rng)
+        w.add_tensor(name, t if len(shape) == 1 else t.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(partial, path)
+    return path

@@ -6,6 +6,7 @@ Keeps going when a notebook fails and exits non-zero naming what failed. A run f
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import sys
@@ -112,6 +113,26 @@ def jobs_here(cfg: RunConfig) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4)) if torch.cuda.is_available() else 1
 
 
+@contextlib.contextmanager
+def share_cores(jobs: int):
+    """Kernels started inside get cores/jobs threads each (the environment is restored after): four notebooks with a
+    thread per core each left a 16-core GPU host at a load of 41 and every notebook several times slower."""
+    import os
+
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in names}
+    if jobs > 1:
+        os.environ.update(dict.fromkeys(names, str(max(1, (os.cpu_count() or 1) // jobs))))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: bool = False) -> int:
     """Execute the notebooks into a new run folder; 0 when every notebook ran (verdicts may still fail).
 
@@ -127,7 +148,8 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     (run / "parameters.json").write_text(json.dumps(params, indent=2))
     t0 = time.perf_counter()
     first, last = [nb for nb in books if "summary" not in nb.stem], [nb for nb in books if "summary" in nb.stem]
-    with ThreadPoolExecutor(jobs_here(cfg)) as pool:
+    jobs = jobs_here(cfg)
+    with share_cores(jobs), ThreadPoolExecutor(jobs) as pool:
         results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
     results |= {nb: execute(nb, run, params, quiet) for nb in last}
     failed = [nb.stem for nb in books if results[nb][1] is not None]
