@@ -85,8 +85,10 @@ judge-trace: $(SETUP)
 	@$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"
 
 # JupyterLab saves through jupytext's contents manager: an edit in a notebook lands in its .py source too
+# (as root, in a container, JupyterLab needs --allow-root; LAB_ARGS passes anything else, e.g. --no-browser --port 8899)
 lab: $(SETUP)
-	$(RUN) -m jupyter lab --ServerApp.contents_manager_class=jupytext.TextFileContentsManager notebooks
+	$(RUN) -m jupyter lab --ServerApp.contents_manager_class=jupytext.TextFileContentsManager \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks
 
 bench: $(SETUP) $(DEFAULT_MODEL)
 	$(RUN) benchmarks/dequant_bench.py --model "$(MODEL)"

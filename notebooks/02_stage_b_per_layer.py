@@ -138,7 +138,8 @@ result.fingerprint.drop(columns="spec", errors="ignore")
 # %% [markdown]
 # ## Drill down
 # One op at one position, both sides: the values, the error per dimension, the dimensions that differ most. By
-# default, where the verdict points (the first op beyond its floor, else the worst); set `DRILL_*` to look elsewhere.
+# default where the verdict points: the first op beyond its floor; else where the cosine to the reference first
+# drops below the spec's threshold; else the op nearest its floor. Set `DRILL_*` to look elsewhere.
 
 # %%
 from fp8parity.drill import drill_down
@@ -146,9 +147,9 @@ from fp8parity.drill import drill_down
 if CANDIDATE_TRACE:
     print("the drill-down reruns both sides; a foreign trace has no candidate here to rerun")
 else:
-    at = verdict.first_beyond_floor or verdict.worst
+    at = verdict.first_beyond_floor or verdict.spec_rule["first_divergence"] or verdict.worst
     dd = drill_down(wb, layer=at["layer"] if DRILL_LAYER is None else DRILL_LAYER, op=DRILL_OP or at["op"],
-                    position=at["position"] if DRILL_POSITION is None else DRILL_POSITION,
+                    position=at.get("position", at.get("min_position")) if DRILL_POSITION is None else DRILL_POSITION,
                     path=DRILL_PATH or at["path"], prompt=at["prompt"])
     plots.drill_down(dd)
     display(Markdown(dd.sentence()))

@@ -231,8 +231,7 @@ def drill_down(dd) -> plt.Figure:
     ax = axes[1]
     err = np.abs(dd.candidate.astype(np.float64) - dd.reference)
     ax.plot(err, lw=0.6, color="C3")
-    ax.set(yscale="symlog", xlabel="output dim", ylabel="|candidate - reference|", title="error per dim",
-           ylim=(0, None))
+    ax.set(xlabel="output dim", ylabel="|candidate - reference|", title="error per dim", ylim=(0, None))
     ax = axes[2]
     if dd.inputs:
         name, (r, c) = next(iter(dd.inputs.items()))
