@@ -19,7 +19,7 @@ arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint notebooks model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
+.PHONY: setup test lint notebooks engines llama-trace model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
 
 # Setup only when RUN is the venv's python; with RUN=python the active environment is used as is.
 ifeq ($(RUN),$(VENV)/bin/python)
@@ -80,6 +80,18 @@ faults: $(SETUP) $(MODEL_DEP)
 distribution: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity distribution --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,CANDIDATES,candidates) \
 		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens)
+
+# llama.cpp as a candidate (optional): llama-cpp-python built from source once (CPU; CMAKE_ARGS=-DGGML_CUDA=on for a
+# CUDA build), the wheel kept in data/cache/wheels so a fresh venv installs it without building again
+LLAMA_CPP := llama-cpp-python==0.3.36
+engines: $(SETUP)
+	@ls data/cache/wheels/llama_cpp_python-*.whl >/dev/null 2>&1 || $(RUN) -m pip wheel -q --no-deps --no-binary llama-cpp-python \
+		-w data/cache/wheels "$(LLAMA_CPP)"
+	$(RUN) -m pip install -q data/cache/wheels/llama_cpp_python-*.whl
+
+llama-trace: $(SETUP) $(MODEL_DEP)
+	@$(RUN) -m fp8parity llama-trace --model "$(MODEL)" --out "$(OUT)" $(if $(PROMPT),--prompt "$(PROMPT)") \
+		$(if $(LLAMA_PATH),--path $(LLAMA_PATH))
 
 judge-trace: $(SETUP)
 	@$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"

@@ -118,6 +118,27 @@ def _cmd_judge_trace(a: argparse.Namespace) -> int:
     return 0 if verdict.status == stages.PASS else 1
 
 
+def _cmd_llama_trace(a: argparse.Namespace) -> int:
+    """llama.cpp's taps of one chat prompt as a workbook trace, and its last logits against the reference's."""
+    from fp8parity import metrics
+    from fp8parity.config import DEFAULT_PROMPTS
+    from fp8parity.engines.llamacpp import write_trace
+    from fp8parity.gguf_file import GGUFModel
+    from fp8parity.qwen2 import Qwen2Model
+    from fp8parity.tokenizer import GGUFTokenizer
+
+    g = GGUFModel(a.model)
+    prompt = a.prompt or DEFAULT_PROMPTS[0]
+    ids = GGUFTokenizer(g).chat_ids(prompt)
+    meta, logits = write_trace(a.model, ids, a.path, Path(a.out), prompt, a.threads, a.gpu_layers, not a.no_repack)
+    ref = Qwen2Model(g).prefill(ids, logits_for="last")[-1]
+    last = logits[-1]
+    print(f"llama.cpp {meta['engine']['llama_cpp_python']} ({a.path}, {len(ids)} tokens): last-position logits vs the "
+          f"reference: cosine {metrics.cosine(last, ref):.6f}, argmax {int(last.argmax())} vs {int(ref.argmax())}; "
+          f"trace in {a.out} (judge it: make judge-trace CANDIDATE_TRACE={a.out})")
+    return 0
+
+
 def _tool_commands(sub) -> None:
     s = sub.add_parser("inspect", help="print a model card of a GGUF")
     s.add_argument("model")
@@ -169,6 +190,15 @@ def _bench_commands(sub) -> None:
     s.add_argument("--corpus", default="")
     s.add_argument("--corpus-tokens", default="")
     s.set_defaults(fn=_cmd_distribution)
+    s = sub.add_parser("llama-trace", help="llama.cpp's taps of one prompt as a trace (needs `make engines`)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", default="")
+    s.add_argument("--path", default="prefill", choices=("prefill", "decode"))
+    s.add_argument("--out", required=True, help="a new trace folder")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded by a CUDA build (0: CPU)")
+    s.add_argument("--no-repack", action="store_true", help="weights not repacked for llama.cpp's batched kernels")
+    s.set_defaults(fn=_cmd_llama_trace)
     s = sub.add_parser("judge-trace", help="stage B's local check of a trace folder (ours or another engine's .npy)")
     s.add_argument("--model", required=True)
     s.add_argument("--trace", required=True, help="a folder of tensors.safetensors or p<pos>.L<layer>.<op>.npy files")

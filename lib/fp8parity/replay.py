@@ -263,7 +263,7 @@ def fingerprint(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str,
         # recipes that differ only in the bias share one backend (and its quantized weights)
         key = (spec.arithmetic, spec.granularity)
         if key not in backends:
-            backends[key] = twin.make_twin(spec, input_scales)
+            backends[key] = twin.make_twin(spec, input_scales, model.gguf)
         backend = backends[key]
         if hasattr(backend, "bias_dtype"):
             backend.bias_dtype = spec.bias
@@ -284,6 +284,7 @@ def describe_fingerprint(fp: pd.DataFrame) -> str:
     if fp.empty:
         return "no GEMM of the trace could be replayed: no fingerprint."
     best = fp.iloc[0]
+    from fp8parity import twin
     e = best.mean_local_error
     ties = fp[(fp.mean_local_error == e) & (fp.max_local_error == best.max_local_error)].recipe.tolist()[1:]
     rest = fp.iloc[1 + len(ties):]
@@ -300,7 +301,7 @@ def describe_fingerprint(fp: pd.DataFrame) -> str:
         acc = "within the floor of FP8 GEMMs with fp32 (promoted) accumulation"
     elif arith == "fp8" and best.max_local_error <= FLOORS["gemm-fp8-fast"].rel_l2:
         acc = "beyond fp32 accumulation but within fast (~14-bit) accumulation: it accumulates like Hopper's fast mode"
-    elif arith != "fp8" and best.max_local_error <= FLOORS[f"gemm-{arith}"].rel_l2:
+    elif arith != "fp8" and best.max_local_error <= FLOORS[twin.TwinSpec(**best.spec).gemm_class].rel_l2:
         acc = "within the noise floor of its class: reordered sums"
     else:
         acc = f"not fully explained: the largest residual {best.max_local_error:.3g} exceeds every floor of its class"
