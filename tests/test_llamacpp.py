@@ -104,3 +104,29 @@ def test_a_tensor_corrupted_in_the_gguf_is_localized_to_its_layer_and_op(tiny_pa
     write_trace(str(bad), list(range(3, 40)), "prefill", tmp_path / "trace", threads=2)
     v = judge(tiny_path, tmp_path / "trace")  # the reference and the twin read the intact file
     assert v.status == "fail" and (v.first_beyond_floor["layer"], v.first_beyond_floor["op"]) == (2, "ffn_up"), v.summary
+
+
+@needs_llama
+def test_run_all_with_llama_cpp_as_the_candidate(tiny_path, tmp_path):
+    """BACKEND=llama.cpp runs notebook 10 (stages A, B, C, F through the engine; D, E unmeasured) and the summary."""
+    import json
+
+    from fp8parity.runner import run_all
+
+    rc = run_all(RunConfig(model=str(tiny_path), backend="llama.cpp", run_id="ll", max_prompts=1, max_new_tokens=8),
+                 runs_dir=str(tmp_path), quiet=True)
+    run = json.loads((tmp_path / "ll" / "verdicts.json").read_text())
+    status = {s: v["status"] for s, v in run["verdicts"].items()}
+    assert rc == 0 and status == {"A": "pass", "B": "pass", "C": "pass", "D": "unmeasured", "E": "unmeasured",
+                                  "F": "pass"}, status
+    assert run["verdicts"]["A"]["provenance"]["backend"]["name"] == "llama.cpp"
+    assert "llama_cpp_python" in (tmp_path / "ll" / "index.html").read_text()  # the report names the engine's version
+
+
+def test_a_bad_llama_cpp_run_is_refused_before_it_starts(tiny_path, tmp_path):
+    from fp8parity.errors import WorkbookError
+    from fp8parity.runner import run_all
+
+    with pytest.raises(WorkbookError, match="injected into the workbook's own forward"):
+        run_all(RunConfig(model=str(tiny_path), backend="llama.cpp", fault="rmsnorm-eps-1e-5"), runs_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())

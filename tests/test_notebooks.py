@@ -23,7 +23,7 @@ WORKBENCH_PARAMS = {"MODEL", "BACKEND", "RECIPE", "ACCUMULATE", "PROMPTS", "THRE
 
 
 def test_the_numbered_notebooks_each_with_its_jupytext_source():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10"]
     assert sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")) == [p.stem for p in NOTEBOOKS]
 
 
@@ -71,9 +71,12 @@ def test_every_notebook_declares_what_it_uses_and_gets_only_that(path):
     assert set(sent) <= names
     if path.stem == "07_summary":
         assert names == {"RUN_DIR"}  # it reads the run folder and opens no model
+    elif path.stem.startswith("10"):  # llama.cpp: no recipe, accumulation or fault of the workbook's own forward
+        assert {"MODEL", "PROMPTS", "THRESHOLD", "RUN_DIR", "PATHS", "MAX_NEW_TOKENS"} <= names
+        assert not {"RECIPE", "ACCUMULATE", "FAULT"} & names
     else:
         assert WORKBENCH_PARAMS <= names
-    assert ("PATHS" in sent) == path.stem.startswith("02") and ("CORPUS" in sent) == path.stem.startswith("09")
+    assert ("PATHS" in sent) == path.stem.startswith(("02", "10")) and ("CORPUS" in sent) == path.stem.startswith("09")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tiny_r
     index = (run / "index.html").read_text()
     assert index.count("<tr><td>") >= 6 and "data:image/png;base64," in index  # images embedded, opens from disk
     htmls = sorted(p.name for p in run.glob("0*.html"))
-    assert len(htmls) == 9 and all(h in index for h in htmls)
+    assert len(htmls) == 9 and all(h in index for h in htmls) and not list(run.glob("10_*"))  # 10 is llama.cpp's
     assert "mean KLD" in index  # notebook 09's headline numbers reach the index
     assert (run / "capsule_replay.png").is_file()
     assert list(run.glob("stage_b/*/layer_*_q_proj.json"))
@@ -109,7 +112,7 @@ def test_run_all_executes_every_notebook_and_writes_the_report(tiny_path, tiny_r
     assert not list(run.glob("traces/*/reference"))  # the reference's are recomputable: kept only with ARCHIVE=full
     assert "run folder on disk" in index
     timings = json.loads((run / "timings.json").read_text())
-    assert set(timings) == {p.stem for p in NOTEBOOKS} | {"total wall"}
+    assert set(timings) == {p.stem for p in NOTEBOOKS if not p.stem.startswith("10")} | {"total wall"}
     assert timings["total wall"] < sum(v for k, v in timings.items() if k != "total wall")  # they overlapped
     with pytest.raises(WorkbookError, match="never overwrite"):
         run_all(RunConfig(model=str(tiny_path), run_id="ci"), runs_dir=str(tmp_path))
@@ -123,7 +126,8 @@ OTHER_VALUES = {"BACKEND": "emulated-fp8", "RECIPE": "rowwise", "THRESHOLD": 0.9
 def test_every_notebook_runs_with_other_values_than_its_defaults(tiny_path, tmp_path):
     """Another recipe, threshold, prompt and a single path; the drill-downs at another layer, position and op."""
     run = tmp_path / "run"
-    for nb in sorted(NOTEBOOKS, key=lambda p: "summary" in p.stem):  # the summary reads what the others wrote
+    own_forward = [nb for nb in NOTEBOOKS if not nb.stem.startswith("10")]  # 10: llama.cpp (tests/test_llamacpp.py)
+    for nb in sorted(own_forward, key=lambda p: "summary" in p.stem):  # the summary reads what the others wrote
         params = OTHER_VALUES | {"MODEL": str(tiny_path), "RUN_DIR": str(run),
                                  "DRILL_OP": "v_proj" if nb.stem.startswith("05") else "ffn_up"}
         pm.execute_notebook(str(nb), str(tmp_path / nb.name), parameters=declared(nb, params), cwd=str(NOTEBOOK_DIR),
@@ -132,7 +136,7 @@ def test_every_notebook_runs_with_other_values_than_its_defaults(tiny_path, tmp_
     assert b["numbers"]["paths"] == ["decode"] and b["numbers"]["spec_rule"]["threshold"] == 0.995
     assert b["provenance"]["backend"]["granularity"] == "rowwise" and b["provenance"]["prompts"] == ["Say hi."]
     assert json.loads((run / "verdicts" / "stage_E.json").read_text())["numbers"]["threshold"] == 0.995
-    out = {nb.stem[:2]: nbformat.read(tmp_path / nb.name, as_version=4) for nb in NOTEBOOKS}
+    out = {nb.stem[:2]: nbformat.read(tmp_path / nb.name, as_version=4) for nb in own_forward}
     text = {k: json.dumps([c.get("outputs", []) for c in v.cells]) for k, v in out.items()}
     assert "ffn_up of layer 1 at position 2 (decode)" in text["02"]
     assert "attn_norm of layer 1 at position 2 (prefill)" in text["04"]

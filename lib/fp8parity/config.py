@@ -22,6 +22,7 @@ INTERACTIVE_RUN_DIR = str(REPO_ROOT / "runs" / "interactive")  # where a noteboo
 PATHS = ("prefill", "decode")
 ACCUMULATIONS = ("fp32", "fp64", "fast")
 ARCHIVES = ("reviewer", "full")
+ENGINES = ("llama.cpp",)  # candidates that are whole engines, judged by notebook 10 instead of 01-06, 08, 09
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -35,7 +36,7 @@ class RunConfig:
     """What `make run-all` (and the notebooks' parameters cell) take."""
 
     model: str = _param(str(DEFAULT_MODEL), "a qwen2 GGUF")
-    backend: str = _param("auto", "reference | bf16 | te | torch-fp8 | emulated-fp8 | auto")
+    backend: str = _param("auto", "reference | bf16 | te | torch-fp8 | emulated-fp8 | auto | llama.cpp")
     recipe: str = _param("current", "current | delayed | delayed-calibrated | rowwise | block")
     accumulate: str = _param("fp32", "emulated-fp8 only: fp32 | fp64 | fast")
     prompts: tuple[str, ...] = _param(DEFAULT_PROMPTS, "chat prompts (the first max_prompts are judged)", flag="prompt")
@@ -102,8 +103,11 @@ def validate(cfg: RunConfig, need_model: bool = True) -> None:
     from fp8parity.backends.factory import BACKEND_NAMES, RECIPES
     from fp8parity.faults import get_fault
 
-    if cfg.backend not in BACKEND_NAMES:
-        raise WorkbookError(f"BACKEND={cfg.backend!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}.")
+    if cfg.backend not in BACKEND_NAMES + ENGINES:
+        raise WorkbookError(f"BACKEND={cfg.backend!r} is unknown; choose one of {', '.join(BACKEND_NAMES + ENGINES)}.")
+    if cfg.backend in ENGINES and cfg.fault != "none":
+        raise WorkbookError(f"FAULT={cfg.fault!r} is injected into the workbook's own forward; BACKEND={cfg.backend} "
+                            f"runs another engine: leave FAULT unset.")
     if cfg.recipe not in RECIPES:
         raise WorkbookError(f"RECIPE={cfg.recipe!r} is unknown; choose one of {', '.join(RECIPES)}.")
     if cfg.accumulate not in ACCUMULATIONS:
@@ -148,5 +152,11 @@ def check_backend_runs_here(backend: str, recipe: str) -> None:
     """Build the backend once (no model): a missing GPU, an FP8-less card, a missing Transformer Engine or a recipe
     the backend does not run is refused here, in one sentence, before a run folder exists."""
     from fp8parity.backends import make_backend
+
+    if backend == "llama.cpp":
+        from fp8parity.engines.llamacpp import _import_llama_cpp
+
+        _import_llama_cpp()
+        return
 
     make_backend(backend, recipe=recipe, quiet=True)

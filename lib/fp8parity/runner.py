@@ -15,16 +15,22 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fp8parity.config import RunConfig, validate
+from fp8parity.config import ENGINES, RunConfig, validate
 from fp8parity.errors import WorkbookError
 from fp8parity.models import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
-def list_notebooks(select: str = "") -> list[Path]:
-    """In execution order: by number, the summary last (it reads what every other notebook wrote)."""
+ENGINE_NOTEBOOKS = ("10", "07")  # another engine as the candidate: its cascade, then the summary
+
+
+def list_notebooks(select: str = "", backend: str = "") -> list[Path]:
+    """In execution order: by number, the summary last (it reads what every other notebook wrote). Notebook 10 judges
+    another engine (BACKEND=llama.cpp) and runs instead of the others, which drive the workbook's own forward."""
     found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"), key=lambda p: ("summary" in p.stem, p.name))
+    engine = backend in ENGINES
+    found = [p for p in found if (p.name[:2] in ENGINE_NOTEBOOKS) == engine or (not engine and "summary" in p.stem)]
     if select:
         wanted = {s.strip().zfill(2) for s in select.split(",") if s.strip()}
         found = [p for p in found if p.name[:2] in wanted]
@@ -142,7 +148,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     from concurrent.futures import ThreadPoolExecutor
 
     validate(cfg)
-    books = list_notebooks(notebooks)
+    books = list_notebooks(notebooks, cfg.backend)
     run = new_run_dir(Path(runs_dir).resolve(), cfg.run_id, cfg.backend, cfg.fault)
     params = notebook_parameters(cfg, run)
     (run / "parameters.json").write_text(json.dumps(params, indent=2))

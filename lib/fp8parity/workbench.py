@@ -50,6 +50,7 @@ class Workbench:
         self.candidate = Qwen2Model(self.gguf, backend=self.backend, options=cand_opts,
                                     weights=self.reference.weights)
         self._oracle: Qwen2Model | None = None
+        self.engine: dict | None = None  # another engine judged as the candidate (llama.cpp): what reports name
 
     @property
     def oracle(self) -> Qwen2Model:
@@ -69,7 +70,7 @@ class Workbench:
         """What every report states: model, file hash, backend, recipe, fault, card, versions."""
         return {
             "model": self.gguf.config.name, "model_file": str(self.gguf.path), "model_sha256": self.gguf.sha256,
-            "backend": self.backend.describe(), "recipe": self.fault.recipe or self.cfg.recipe,
+            "backend": self.engine or self.backend.describe(), "recipe": self.fault.recipe or self.cfg.recipe,
             "fault": self.fault.name, "threshold": self.cfg.threshold, "prompts": self.prompts,
             "machine": machine(), "versions": versions(), "resources": resources(),
         }

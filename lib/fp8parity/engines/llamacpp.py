@@ -129,7 +129,7 @@ class LlamaCppEngine:
             self._pending = node_op(name, self._seen[name])
             self._seen[name] += 1
             wanted = self._pending is not None and (self._layers is None or self._pending[1] in self._layers
-                                                    or self._pending[1] == GLOBAL_LAYER)
+                                                    or (self._pending[1] == GLOBAL_LAYER and bool(self._layers)))
             return bool(wanted)
         if self._pending is not None:
             self._read(t, *self._pending)
@@ -183,6 +183,26 @@ class LlamaCppEngine:
         out = [np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,)).copy()
                for k in range(len(chunk))]
         return torch.from_numpy(np.stack(out))
+
+    def last_logits(self, ids: list[int]) -> torch.Tensor:
+        """One prefill with no tap read (the eval callback declines every node): the last position's logits."""
+        self._layers = set()
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        return self._decode(list(ids), 0)[-1]
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_ids: list[int] | None) -> tuple[list[int], str]:
+        """Greedy decoding as the reference's generate does it: the prompt's prefill, then one token a step."""
+        self._layers = set()
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        logits, out, stops = self._decode(list(ids), 0)[-1], [], set(stop_ids or [])
+        while True:
+            nxt = int(torch.argmax(logits))
+            out.append(nxt)
+            if nxt in stops:
+                return out, f"stop_token {nxt}"
+            if len(out) == max_new_tokens:
+                return out, "max_new_tokens"
+            logits = self._decode([nxt], len(ids) + len(out) - 1)[-1]
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -63,7 +63,9 @@ def judge_b_trace(result: TraceParityResult, rule: ParityRule) -> TraceParityVer
     local = beyond_floor(result.local, rule.factor)
     first, worst = replay.first_beyond(local), replay.worst_row(local)
     unmeasured = int((local.status == "UNMEASURED").sum())
-    name, label = Path(result.trace).name, result.twin.label()
+    folder = Path(result.trace)
+    name = folder.parent.name if folder.name == "candidate" else folder.name  # traces/prompt0-decode/candidate
+    label = result.twin.label()
     source = "named in its meta.json" if result.twin_from == "meta.json" else "found by the fingerprint"
     if first is not None:
         summary = (f"trace {name} ({result.path}): first op beyond its noise floor against the twin {label} ({source}): "
