@@ -130,3 +130,17 @@ def test_a_bad_llama_cpp_run_is_refused_before_it_starts(tiny_path, tmp_path):
     with pytest.raises(WorkbookError, match="injected into the workbook's own forward"):
         run_all(RunConfig(model=str(tiny_path), backend="llama.cpp", fault="rmsnorm-eps-1e-5"), runs_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_activation_scales_are_true_divisions_as_in_c():
+    """torch computes `scalar / tensor` as reciprocal times scalar (two roundings). On the real model that moved one
+    activation from 37.499996 to 37.5 steps and one step off llama.cpp's Q8_K code: a false alarm of 139x the floor at
+    layer 11 ffn_out. The expected code here is C's arithmetic in numpy float32: nearest_int(x * (-127.f / max))."""
+    mx, x = np.float32(-1.2377370595932007), np.float32(0.36547350883483887)
+    block = torch.zeros(1, 256)
+    block[0, 0], block[0, 1] = float(mx), float(x)
+    iscale = np.float32(-127.0) / mx
+    code = np.rint(x * iscale)
+    assert code == 37 and quantize_q8_k(block)[0, 1].item() == pytest.approx(float(code / iscale), rel=1e-6)
+    q0 = quantize_activations(block[:, :32], "Q8_0")[0, 1].item()
+    assert round(q0 / float(np.float16(abs(mx) / np.float32(127)))) == int(np.rint(x * (np.float32(127) / abs(mx))))

@@ -34,7 +34,7 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
         return x
     b = x.reshape(t, n // 32, 32)
     amax = b.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax == 0, torch.zeros_like(amax), 127.0 / amax)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, 127.0) / amax)  # a true division, as C
     q = torch.round(b * inv)
     return (q * (amax / 127.0).half().float()).reshape(t, n)
 
