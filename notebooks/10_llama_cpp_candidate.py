@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -21,8 +23,9 @@
 # **How.** Every op's output is read through llama.cpp's graph-evaluation callback and stored under the workbook's
 # (position, layer, op) keys (`fp8parity.engines.llamacpp`); stage B replays each op on llama.cpp's own inputs through
 # llama.cpp's twin: its CPU GEMMs quantize the activations (Q8_K for K-quant weights, Q8_0 for Q5_0/Q8_0) before their
-# integer dot products, and the twin rounds them the same way. Stages A, C and F are measured through the engine
-# and judged by the same rules as any candidate; D and E need operands fed in, which an engine does not offer.
+# integer dot products, and the twin rounds them the same way. Stages A, C and F are the same measurements and rules
+# as for any candidate (the engine answers what a candidate model answers); D and E need operands fed in, which an
+# engine does not offer.
 
 # %% tags=["parameters"]
 # Parameters: papermill overrides them; in JupyterLab change them here. Defaults: fp8parity.config.RunConfig (D).
@@ -48,14 +51,14 @@ from fp8parity.workbench import Workbench
 wb = Workbench(D(model=MODEL, backend="reference", prompts=tuple(PROMPTS), max_prompts=len(PROMPTS),
                  threshold=THRESHOLD), RUN_DIR)
 engine = LlamaCppEngine(MODEL)
-wb.engine = engine.describe()
+wb.use_engine(engine)  # the stages call llama.cpp where they call the candidate model; the reports name it
 display(Markdown(wb.provenance_markdown()))
 
 # %% [markdown]
 # ## Stage A — deterministic, and how far from the reference?
 
 # %%
-result_a = cascade.measure_a(engine, wb, runs=RUNS)
+result_a = stages.measure_a(wb, runs=RUNS)
 verdict_a = stages.judge_a(result_a, stages.ReproducerRule(threshold=THRESHOLD))
 display(Markdown(verdict_a.markdown()))
 
@@ -80,14 +83,14 @@ local.sort_values("times_floor", ascending=False).head(10)[["path", "layer", "op
 # ## Stage C — the embedding rows
 
 # %%
-verdict_c = stages.judge_c(cascade.measure_c(engine, wb), stages.EmbeddingRule())
+verdict_c = stages.judge_c(stages.measure_c(wb), stages.EmbeddingRule())
 display(Markdown(verdict_c.markdown()))
 
 # %% [markdown]
 # ## Stage F — golden output, with the GGUF's stop tokens
 
 # %%
-result_f = cascade.measure_f(engine, wb, RUNS, MAX_NEW_TOKENS)
+result_f = stages.measure_f(wb, runs=RUNS, max_new_tokens=MAX_NEW_TOKENS)
 verdict_f = stages.judge_f(result_f, stages.GoldenRule())
 display(Markdown(verdict_f.markdown()))
 result_f.runs[["prompt", "run", "output", "stop_reason", "matches_golden"]]

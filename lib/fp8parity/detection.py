@@ -48,7 +48,6 @@ def sweep(model_path: str, candidates=SWEEP_CANDIDATES, magnitudes=MAGNITUDES, n
     for cand_name in candidates:
         name, _, recipe = cand_name.partition(":")
         backend = make_backend(name, recipe=recipe or RunConfig.recipe)
-        backend.collect_stats = False
         clean = Qwen2Model(gguf, backend=backend, weights=ref.weights)
         calibrate(clean, ids)
         spec = twin.declared_spec(backend.describe(), recipe or RunConfig.recipe)

@@ -244,7 +244,7 @@ def _verdict_rows(verdicts: dict[str, dict], reports: dict[str, str]) -> str:
         v = verdicts.get(stage)
         status = v["status"] if v else "unmeasured"
         summary = v["summary"] if v else "did not run (see its report)"
-        link = reports.get(f"{i:02d}")
+        link = reports.get(f"{i:02d}") or reports.get(ENGINE_NOTEBOOKS[0])  # an engine's stages: all in notebook 10
         name = f'<a href="{link}">{html.escape(title)}</a>' if link else html.escape(title)
         rows.append(f'<tr><td>{stage}</td><td>{name}</td><td style="color:{MARK_COLORS[status]};font-weight:bold">'
                     f'{status.upper()}</td><td>{html.escape(summary)}</td></tr>')

@@ -59,6 +59,11 @@ class Workbench:
             self._oracle = Qwen2Model(self.gguf, dtype=torch.float64, keep_weights=False)
         return self._oracle
 
+    def use_engine(self, engine) -> None:
+        """Another engine (llama.cpp) as the candidate: the stages call it as they call the candidate model, and
+        every report names it."""
+        self.candidate, self.engine = engine, engine.describe()
+
     def prompt_ids(self, i: int = 0) -> list[int]:
         return self.tok.chat_ids(self.prompts[i])
 

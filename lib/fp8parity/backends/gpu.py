@@ -6,6 +6,8 @@ imports on any machine; building one where it cannot run raises a WorkbookError 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -143,7 +145,7 @@ class TEBackend(LinearBackend):
         super().__init__()
         # cache_weights: each weight quantized to FP8 once (TE's is_first_microbatch=True, then False), not per call;
         # one_autocast: one te.autocast around the whole forward, not one per linear call. Both leave the numbers
-        # unchanged (tests/test_gpu.py shows it bit for bit); off, they give the path as it was, for that comparison.
+        # unchanged (tests/test_gpu_speed_paths.py shows it bit for bit); off, they give the path as it was, for that comparison.
         self.cache_weights, self.one_autocast = cache_weights, one_autocast
         self._quantized: set[str] = set()  # weights whose FP8 copy TE holds for the current scales
         self._in_autocast = False
@@ -210,7 +212,17 @@ class TEBackend(LinearBackend):
     def forward_context(self):
         if not (self.one_autocast and self.phase == "run"):
             return super().forward_context()
-        return _Flagged(self, self.te.autocast(enabled=True, recipe=self.recipe))
+        return self._autocast_once()
+
+    @contextlib.contextmanager
+    def _autocast_once(self):
+        """TE's autocast around a whole forward; linear calls inside it skip their own."""
+        with self.te.autocast(enabled=True, recipe=self.recipe):
+            self._in_autocast = True
+            try:
+                yield
+            finally:
+                self._in_autocast = False
 
     def _first_microbatch(self, key: str) -> bool | None:
         """TE quantizes the weight when True and reuses that FP8 copy when False; None: every call (calibration)."""
@@ -258,18 +270,3 @@ class TEBackend(LinearBackend):
             return
         self.record_stats(key, x, sx, w, sw)
 
-
-class _Flagged:
-    """A context manager that also marks the backend as inside it (its linear calls then skip their own autocast)."""
-
-    def __init__(self, backend, inner):
-        self.backend, self.inner = backend, inner
-
-    def __enter__(self):
-        self.inner.__enter__()
-        self.backend._in_autocast = True
-        return self
-
-    def __exit__(self, *exc):
-        self.backend._in_autocast = False
-        return self.inner.__exit__(*exc)

@@ -184,25 +184,37 @@ class LlamaCppEngine:
                for k in range(len(chunk))]
         return torch.from_numpy(np.stack(out))
 
-    def last_logits(self, ids: list[int]) -> torch.Tensor:
-        """One prefill with no tap read (the eval callback declines every node): the last position's logits."""
-        self._layers = set()
-        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
-        return self._decode(list(ids), 0)[-1]
+    # The calls the stages make of a candidate model (fp8parity.qwen2.Qwen2Model), so that stages A, C and F measure
+    # llama.cpp with the same functions as any other candidate.
+    backend = None  # no linear backend of the workbook's: nothing to calibrate
 
-    def generate(self, ids: list[int], max_new_tokens: int, stop_ids: list[int] | None) -> tuple[list[int], str]:
-        """Greedy decoding as the reference's generate does it: the prompt's prefill, then one token a step."""
+    def prefill(self, ids: list[int], recorder=None, logits_for: str = "all") -> torch.Tensor:
+        """Logits of one prefill (the last position's with logits_for='last'); no tap is read (the eval callback
+        declines every node)."""
         self._layers = set()
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
-        logits, out, stops = self._decode(list(ids), 0)[-1], [], set(stop_ids or [])
-        while True:
-            nxt = int(torch.argmax(logits))
-            out.append(nxt)
-            if nxt in stops:
-                return out, f"stop_token {nxt}"
-            if len(out) == max_new_tokens:
-                return out, "max_new_tokens"
-            logits = self._decode([nxt], len(ids) + len(out) - 1)[-1]
+        logits = self._decode(list(ids), 0)
+        return logits[-1:] if logits_for == "last" else logits
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """The embedding rows llama.cpp reads for `ids` (its `embd` node), (T, hidden)."""
+        self.run(ids, "prefill", layers=[0])
+        return torch.stack([self.taps[(p, GLOBAL_LAYER, EMBEDDING)] for p in range(len(ids))])
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None, tokenizer=None):
+        """Greedy decoding as the reference's generate does it: the prompt's prefill, then one token a step."""
+        from fp8parity.qwen2 import GenerationResult
+
+        logits, out, stops, reason = self.prefill(prompt_ids, logits_for="last")[-1], [], set(stop_ids or []), ""
+        while not reason:
+            out.append(int(torch.argmax(logits)))
+            if out[-1] in stops:
+                reason = f"stop_token {out[-1]}"
+            elif len(out) == max_new_tokens:
+                reason = "max_new_tokens"
+            else:
+                logits = self._decode([out[-1]], len(prompt_ids) + len(out) - 1)[-1]
+        return GenerationResult(list(prompt_ids), out, tokenizer.decode(out) if tokenizer else "", reason)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

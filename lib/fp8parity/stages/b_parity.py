@@ -83,7 +83,6 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
     from the model file (its sha256 is recorded) and are kept too only with `reference_traces`."""
     prompts = list(range(len(wb.prompts))) if prompts is None else prompts
     spec = candidate_twin(wb)
-    collect, wb.backend.collect_stats = wb.backend.collect_stats, False  # statistics are stage E's, not B's
     tables, locals_, reports, drift, rp, fp, first_prefill = [], [], {}, [], None, None, {}
     for i in tqdm(prompts, desc="stage B prompts"):
         ids = wb.prompt_ids(i)
@@ -111,7 +110,6 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
                 drift.append(_logits_drift(i, ids, ref, cand, twin_model))
             tables.append(_tag(table, i, path))
             locals_.append(_tag(local, i, path))
-    wb.backend.collect_stats = collect
     oracle = measure_oracle(wb, wb.prompt_ids(prompts[0]), first_prefill)
     return ParityResult(spec, rp.floors, list(paths), prompts, pd.concat(tables, ignore_index=True),
                         pd.concat(locals_, ignore_index=True), fp, drift, oracle, reports)

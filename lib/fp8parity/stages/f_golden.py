@@ -20,19 +20,11 @@ class GoldenResult:
     without_stop_tokens: dict  # the first prompt generated with no stop token: text, stop reason, tokens
 
 
-def _quiet_stats(wb: Workbench, on: bool | None) -> bool | None:
-    """Per-GEMM statistics cost more than a decode step (stage E shows them): off while generating."""
-    old = getattr(wb.backend, "collect_stats", None)
-    if old is not None:
-        wb.backend.collect_stats = False if on is None else on
-    return old
-
-
 def measure_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_new_tokens,
               stop_tokens: bool | None = None) -> GoldenResult:
     """Each chat prompt generated greedily `runs` times on the candidate; golden = the reference's generation."""
     use_stops = wb.fault.stop_tokens if stop_tokens is None else stop_tokens
-    stops, old = wb.tok.stop_ids(), _quiet_stats(wb, None)
+    stops = wb.tok.stop_ids()
     rows = []
     for i, prompt in enumerate(tqdm(wb.prompts, desc="stage F prompts")):
         ids = wb.prompt_ids(i)
@@ -45,7 +37,6 @@ def measure_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_
                          "tokens": len(out.tokens), "matches_golden": out.tokens == golden.tokens,
                          "im_start_count": out.text.count("<|im_start|>")})
     no_stop = wb.candidate.generate(wb.prompt_ids(0), max_new_tokens, None, wb.tok)
-    _quiet_stats(wb, old)
     return GoldenResult(pd.DataFrame(rows), stops, use_stops,
                         {"text": no_stop.text, "stop_reason": no_stop.stop_reason, "tokens": len(no_stop.tokens)})
 
