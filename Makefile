@@ -11,7 +11,7 @@ RUN      ?= $(VENV)/bin/python
 MODEL    ?= data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 RUNS_DIR ?= runs
 # Run parameters (BACKEND RECIPE ACCUMULATE PROMPT THRESHOLD PATHS MAX_PROMPTS MAX_NEW_TOKENS FAULT RUN_ID CAPSULE
-# CANDIDATE_TRACE ARCHIVE CORPUS CORPUS_TOKENS JOBS SWEEP) have their defaults in lib/fp8parity/config.py, defined once: a variable reaches the
+# CANDIDATE_TRACE ARCHIVE CORPUS CORPUS_TOKENS JOBS LLAMA_DEVICE SWEEP) have their defaults in lib/fp8parity/config.py, defined once: a variable reaches the
 # CLI only when you set it (make VAR=value, or the environment), and a bad value, an empty one included, stops the
 # run with one line before anything is written.
 arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
@@ -70,7 +70,8 @@ run-all: $(SETUP)
 		$(call arg,THRESHOLD,threshold) $(call arg,RUN_ID,run-id) $(call arg,FAULT,fault) \
 		$(call arg,MAX_PROMPTS,max-prompts) $(call arg,PATHS,paths) $(call arg,MAX_NEW_TOKENS,max-new-tokens) \
 		$(call arg,CAPSULE,capsule) $(call arg,CANDIDATE_TRACE,candidate-trace) $(call arg,ARCHIVE,archive) \
-		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens) $(call arg,JOBS,jobs)
+		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens) $(call arg,JOBS,jobs) \
+		$(call arg,LLAMA_DEVICE,llama-device)
 
 faults: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity faults --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,BACKEND,backend) \
@@ -81,17 +82,21 @@ distribution: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity distribution --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,CANDIDATES,candidates) \
 		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens)
 
-# llama.cpp as a candidate (optional): llama-cpp-python built from source once (CPU; CMAKE_ARGS=-DGGML_CUDA=on for a
-# CUDA build), the wheel kept in data/cache/wheels so a fresh venv installs it without building again
+# llama.cpp as a candidate (optional): llama-cpp-python built from source once, the wheel kept in data/cache so a fresh
+# venv installs it without building again. CUDA=1: a CUDA build for Hopper (sm_90; CUDA_ARCH=... for another card),
+# flash-attention kernels left out (the engine runs attention unfused), kept apart from the CPU wheel.
 LLAMA_CPP := llama-cpp-python==0.3.36
+CUDA_ARCH ?= 90
+WHEELS := data/cache/$(if $(CUDA),wheels-cuda,wheels)
 engines: $(SETUP)
-	@ls data/cache/wheels/llama_cpp_python-*.whl >/dev/null 2>&1 || $(RUN) -m pip wheel -q --no-deps --no-binary llama-cpp-python \
-		-w data/cache/wheels "$(LLAMA_CPP)"
-	$(RUN) -m pip install -q data/cache/wheels/llama_cpp_python-*.whl
+	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		$(if $(CUDA),CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) -DGGML_CUDA_FA=off") \
+		$(RUN) -m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) "$(LLAMA_CPP)"
+	$(RUN) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
 
 llama-trace: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity llama-trace --model "$(MODEL)" --out "$(OUT)" $(if $(PROMPT),--prompt "$(PROMPT)") \
-		$(if $(LLAMA_PATH),--path $(LLAMA_PATH))
+		$(if $(LLAMA_PATH),--path $(LLAMA_PATH)) $(if $(LLAMA_DEVICE),--device $(LLAMA_DEVICE))
 
 judge-trace: $(SETUP)
 	@$(RUN) -m fp8parity judge-trace --model "$(MODEL)" --trace "$(CANDIDATE_TRACE)"

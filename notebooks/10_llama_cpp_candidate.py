@@ -39,6 +39,7 @@ PATHS = list(D.paths)  # prefill and/or decode
 MAX_NEW_TOKENS = D.max_new_tokens  # stage F generation length
 RUN_DIR = INTERACTIVE_RUN_DIR  # where verdicts, traces and figures go
 RUNS = 5  # stage A's repeated runs, stage F's generations per prompt
+LLAMA_DEVICE = D.llama_device  # cpu, or cuda: every layer offloaded (a CUDA build of llama-cpp-python)
 
 # %%
 from IPython.display import Markdown, display
@@ -50,7 +51,7 @@ from fp8parity.workbench import Workbench
 
 wb = Workbench(D(model=MODEL, backend="reference", prompts=tuple(PROMPTS), max_prompts=len(PROMPTS),
                  threshold=THRESHOLD), RUN_DIR)
-engine = LlamaCppEngine(MODEL)
+engine = LlamaCppEngine(MODEL, device=LLAMA_DEVICE)
 wb.use_engine(engine)  # the stages call llama.cpp where they call the candidate model; the reports name it
 display(Markdown(wb.provenance_markdown()))
 

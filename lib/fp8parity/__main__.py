@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from fp8parity.config import LLAMA_DEVICES, RunConfig
 from fp8parity.errors import WorkbookError
 
 
@@ -118,6 +119,42 @@ def _cmd_judge_trace(a: argparse.Namespace) -> int:
     return 0 if verdict.status == stages.PASS else 1
 
 
+def _cmd_llama_compare(a: argparse.Namespace) -> int:
+    """llama.cpp's CPU and CUDA paths and the reference side by side (fp8parity.engines.compare)."""
+    import platform
+
+    from fp8parity.config import DEFAULT_PATHS, DEFAULT_PROMPTS
+    from fp8parity.engines.compare import compare, write_report
+    from fp8parity.engines.llamacpp import check_device
+    from fp8parity.gguf_file import GGUFModel
+
+    devices = tuple(d.strip() for d in a.devices.split(",") if d.strip())
+    bad = [d for d in devices if d not in LLAMA_DEVICES]
+    if not devices or bad:
+        raise WorkbookError(f"--devices {a.devices!r} is not a non-empty subset of {','.join(LLAMA_DEVICES)}.")
+    out = Path(a.out)
+    if out.exists():
+        raise WorkbookError(f"{out} already exists; reports never overwrite each other: pick another --out.")
+    for d in devices:
+        check_device(d)
+    g = GGUFModel(a.model)
+    paths = tuple(p.strip() for p in a.paths.split(",") if p.strip())
+    if not paths or any(p not in DEFAULT_PATHS for p in paths):
+        raise WorkbookError(f"--paths {a.paths!r} is not a non-empty subset of {','.join(DEFAULT_PATHS)}.")
+    table = compare(a.model, list(DEFAULT_PROMPTS[: a.prompts]), devices, paths)
+    import llama_cpp
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    write_report(table, out, {"model": f"{g.path.name} (sha256 {g.sha256[:16]})", "card": card,
+                              "llama-cpp-python": llama_cpp.__version__, "torch": torch.__version__,
+                              "llama.cpp build": llama_cpp.llama_print_system_info().decode().strip(),
+                              "engine settings": "F32 KV cache, flash attention off, op offload off; timed with the "
+                                                 "eval callback attached, declining every node"})
+    print((out / "compare.md").read_text())
+    return 0
+
+
 def _cmd_llama_trace(a: argparse.Namespace) -> int:
     """llama.cpp's taps of one chat prompt as a workbook trace, and its last logits against the reference's."""
     from fp8parity import metrics
@@ -130,7 +167,7 @@ def _cmd_llama_trace(a: argparse.Namespace) -> int:
     g = GGUFModel(a.model)
     prompt = a.prompt or DEFAULT_PROMPTS[0]
     ids = GGUFTokenizer(g).chat_ids(prompt)
-    meta, logits = write_trace(a.model, ids, a.path, Path(a.out), prompt, a.threads, a.gpu_layers, not a.no_repack)
+    meta, logits = write_trace(a.model, ids, a.path, Path(a.out), prompt, a.threads, a.device, not a.no_repack)
     ref = Qwen2Model(g).prefill(ids, logits_for="last")[-1]
     last = logits[-1]
     print(f"llama.cpp {meta['engine']['llama_cpp_python']} ({a.path}, {len(ids)} tokens): last-position logits vs the "
@@ -196,9 +233,17 @@ def _bench_commands(sub) -> None:
     s.add_argument("--path", default="prefill", choices=("prefill", "decode"))
     s.add_argument("--out", required=True, help="a new trace folder")
     s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded by a CUDA build (0: CPU)")
+    s.add_argument("--device", default=RunConfig.llama_device, choices=LLAMA_DEVICES,
+                   help="cpu, or cuda: every layer on the GPU (a CUDA build)")
     s.add_argument("--no-repack", action="store_true", help="weights not repacked for llama.cpp's batched kernels")
     s.set_defaults(fn=_cmd_llama_trace)
+    s = sub.add_parser("llama-compare", help="llama.cpp CPU, llama.cpp CUDA and the reference side by side")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True, help="a new report folder")
+    s.add_argument("--devices", default=",".join(LLAMA_DEVICES), help="cpu,cuda (default both)")
+    s.add_argument("--prompts", type=int, default=RunConfig.max_prompts, help="how many default prompts")
+    s.add_argument("--paths", default=",".join(RunConfig.paths), help="what stage B replays: prefill,decode")
+    s.set_defaults(fn=_cmd_llama_compare)
     s = sub.add_parser("judge-trace", help="stage B's local check of a trace folder (ours or another engine's .npy)")
     s.add_argument("--model", required=True)
     s.add_argument("--trace", required=True, help="a folder of tensors.safetensors or p<pos>.L<layer>.<op>.npy files")

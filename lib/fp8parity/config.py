@@ -22,6 +22,7 @@ INTERACTIVE_RUN_DIR = str(REPO_ROOT / "runs" / "interactive")  # where a noteboo
 PATHS = ("prefill", "decode")
 ACCUMULATIONS = ("fp32", "fp64", "fast")
 ARCHIVES = ("reviewer", "full")
+LLAMA_DEVICES = ("cpu", "cuda")  # where llama.cpp runs: all on the CPU, or every layer offloaded to CUDA
 ENGINES = ("llama.cpp",)  # candidates that are whole engines, judged by notebook 10 instead of 01-06, 08, 09
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -52,6 +53,8 @@ class RunConfig:
     corpus: str = _param("", "notebook 09: a UTF-8 text file (default: Python standard library sources)")
     corpus_tokens: int = _param(4096, "notebook 09: how many corpus tokens (whole windows of 512)")
     jobs: int = _param(0, "notebooks run at once (0: one on a CPU-only machine, up to four on a GPU host)")
+    llama_device: str = _param("cpu", "llama.cpp only: cpu | cuda (every layer on the GPU; needs a CUDA build, "
+                                      "make engines CUDA=1)")
 
     @classmethod
     def from_strings(cls, **given: str | None) -> RunConfig:
@@ -96,6 +99,18 @@ def _parse(name: str, raw):
     return raw
 
 
+def _check_engine(cfg: RunConfig) -> None:
+    """The parameters that only another engine as the candidate takes, and the ones it refuses."""
+    if cfg.backend in ENGINES and cfg.fault != "none":
+        raise WorkbookError(f"FAULT={cfg.fault!r} is injected into the workbook's own forward; BACKEND={cfg.backend} "
+                            f"runs another engine: leave FAULT unset.")
+    if cfg.llama_device not in LLAMA_DEVICES:
+        raise WorkbookError(f"LLAMA_DEVICE={cfg.llama_device!r} is unknown; choose one of {', '.join(LLAMA_DEVICES)}.")
+    if cfg.llama_device != "cpu" and cfg.backend not in ENGINES:
+        raise WorkbookError(f"LLAMA_DEVICE={cfg.llama_device} places llama.cpp; BACKEND={cfg.backend} is the "
+                            f"workbook's own forward: leave LLAMA_DEVICE unset, or use BACKEND=llama.cpp.")
+
+
 def validate(cfg: RunConfig, need_model: bool = True) -> None:
     """Every value of `cfg` checked, cheapest first; the first bad one raises a WorkbookError naming it.
 
@@ -105,9 +120,7 @@ def validate(cfg: RunConfig, need_model: bool = True) -> None:
 
     if cfg.backend not in BACKEND_NAMES + ENGINES:
         raise WorkbookError(f"BACKEND={cfg.backend!r} is unknown; choose one of {', '.join(BACKEND_NAMES + ENGINES)}.")
-    if cfg.backend in ENGINES and cfg.fault != "none":
-        raise WorkbookError(f"FAULT={cfg.fault!r} is injected into the workbook's own forward; BACKEND={cfg.backend} "
-                            f"runs another engine: leave FAULT unset.")
+    _check_engine(cfg)
     if cfg.recipe not in RECIPES:
         raise WorkbookError(f"RECIPE={cfg.recipe!r} is unknown; choose one of {', '.join(RECIPES)}.")
     if cfg.accumulate not in ACCUMULATIONS:
@@ -145,18 +158,18 @@ def validate(cfg: RunConfig, need_model: bool = True) -> None:
         from fp8parity.gguf_file import GGUFModel
 
         GGUFModel(cfg.model)
-    check_backend_runs_here(cfg.backend, cfg.recipe)
+    check_backend_runs_here(cfg.backend, cfg.recipe, cfg.llama_device)
 
 
-def check_backend_runs_here(backend: str, recipe: str) -> None:
+def check_backend_runs_here(backend: str, recipe: str, llama_device: str = "cpu") -> None:
     """Build the backend once (no model): a missing GPU, an FP8-less card, a missing Transformer Engine or a recipe
     the backend does not run is refused here, in one sentence, before a run folder exists."""
     from fp8parity.backends import make_backend
 
     if backend == "llama.cpp":
-        from fp8parity.engines.llamacpp import _import_llama_cpp
+        from fp8parity.engines.llamacpp import check_device
 
-        _import_llama_cpp()
+        check_device(llama_device)
         return
 
     make_backend(backend, recipe=recipe, quiet=True)

@@ -67,6 +67,17 @@ FLOORS: dict[str, Floor] = {
                            f"(worst: layer 22 ffn_out, position 0, K=4864; {_GPU}); the CPU model of fast "
                            f"accumulation reaches 3.6e-3"),
 }
+# llama.cpp's CUDA build compiles with -use_fast_math (approximate expf, sinf/cosf, powf, rsqrtf, division): its fp32
+# ops are judged by what a correct fast-math implementation of the same formulas deviates from fp64, measured on the
+# GPU by benchmarks/cuda_fast_math_floors.py (raw numbers in benchmarks/results/cuda_fast_math_floors_h200.json)
+FAST_MATH_FLOORS: dict[str, Floor] = {}
+
+
+def floors_for(spec) -> dict[str, Floor]:
+    """The noise floors that judge a trace replayed through `spec`'s twin."""
+    return FLOORS | FAST_MATH_FLOORS if spec.arithmetic == "ggml-cuda" else FLOORS
+
+
 ALARM_FACTOR = 4.0  # an op diverges when its local error is more than this many times its class's floor
 
 
@@ -125,14 +136,19 @@ class Replayer:
     def op_class(self, op: str) -> str:
         return self.gemm_class if OP_CLASS[op] == "gemm" else OP_CLASS[op]
 
-    def _gemm(self, op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _gemm(self, op: str, layer: int, x: torch.Tensor, cand: torch.Tensor | None = None) -> torch.Tensor:
+        """The twin's GEMM; a twin whose rounding at ties is not determined (llama.cpp's fast-math CUDA quantizer)
+        is handed the candidate's rows to choose, at those ties only, the rounding nearer them."""
         m = self.model
         if op == LOGITS:
-            head = TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT
-            return self.twin.linear(x, m._w(head), None, "lm_head")
-        _, kind, has_bias = GEMM_OPS[op]
-        b = m.small(tensor_name(kind, layer, "bias")) if has_bias else None
-        return self.twin.linear(x, m._w(tensor_name(kind, layer)), b, f"{layer}.{op}")
+            w, b, key = m._w(TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT), None, "lm_head"
+        else:
+            _, kind, has_bias = GEMM_OPS[op]
+            b = m.small(tensor_name(kind, layer, "bias")) if has_bias else None
+            w, key = m._w(tensor_name(kind, layer)), f"{layer}.{op}"
+        if cand is not None and hasattr(self.twin, "linear_near"):
+            return self.twin.linear_near(x, w, b, key, cand)
+        return self.twin.linear(x, w, b, key)
 
     def _recompute(self, op: str, layer: int, ps: list[int], tr, ids: list[int] | None) -> torch.Tensor | None:
         """The twin's output of `op` at positions `ps` (one forward), from the candidate's traced inputs."""
@@ -152,7 +168,7 @@ class Replayer:
             return None if x is None else rms_norm(x, m.small(w).to(dt), cfg.rms_eps)
         if op in GEMM_OPS or op == LOGITS:
             x = _rows(tr, FINAL_NORM if op == LOGITS else GEMM_OPS[op][0], layer, ps)
-            return None if x is None else self._gemm(op, layer, x)
+            return None if x is None else self._gemm(op, layer, x, _rows(tr, op, layer, ps))
         if op in ("q_post_rope", "k_post_rope"):
             x = _rows(tr, op[0] + "_proj", layer, ps)
             if x is None:

@@ -73,7 +73,7 @@ def notebook_parameters(cfg: RunConfig, run: Path) -> dict:
             "CAPSULE": str(Path(cfg.capsule).resolve()) if cfg.capsule else "",
             "CANDIDATE_TRACE": str(Path(cfg.candidate_trace).resolve()) if cfg.candidate_trace else "",
             "ARCHIVE": cfg.archive, "CORPUS": str(Path(cfg.corpus).resolve()) if cfg.corpus else "",
-            "CORPUS_TOKENS": cfg.corpus_tokens}
+            "CORPUS_TOKENS": cfg.corpus_tokens, "LLAMA_DEVICE": cfg.llama_device}
 
 
 def declared(notebook: Path, params: dict) -> dict:

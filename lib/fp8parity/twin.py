@@ -19,7 +19,8 @@ from fp8parity.backends.base import LinearBackend, ReferenceBackend
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.errors import WorkbookError
 
-ARITHMETICS = ("fp32", "bf16", "fp8", "ggml-q8")  # ggml-q8: llama.cpp's CPU kernels (activations to Q8_K / Q8_0)
+# ggml-q8: llama.cpp's CPU kernels (activations to Q8_K / Q8_0); ggml-cuda: its CUDA kernels (activations to Q8_1)
+ARITHMETICS = ("fp32", "bf16", "fp8", "ggml-q8", "ggml-cuda")
 FP8_GRANULARITIES = ("tensor", "rowwise", "block", "delayed", "delayed-calibrated")
 # RECIPE (as make_backend takes it) -> the FP8 scaling granularity a correct implementation applies
 RECIPE_GRANULARITY = {"current": "tensor", "rowwise": "rowwise", "block": "block", "delayed": "delayed",
@@ -44,7 +45,7 @@ class TwinSpec:
     @property
     def gemm_class(self) -> str:
         """The noise-floor class of this twin's GEMMs: FP8 with fast (~14-bit) accumulation is a class of its own."""
-        if self.arithmetic == "ggml-q8":  # the twin rounds the activations as ggml does; what is left is fp32 summation
+        if self.arithmetic.startswith("ggml"):  # the twin rounds the activations as ggml does; what is left: fp32 sums
             return "gemm-fp32"
         return f"gemm-{self.arithmetic}" + ("-fast" if self.arithmetic == "fp8" and self.accumulation == "fast" else "")
 
@@ -101,12 +102,12 @@ class BF16Twin(LinearBackend):
 def make_twin(spec: TwinSpec, input_scales: dict[str, float] | None = None, gguf=None) -> LinearBackend:
     """The twin backend of `spec`; `input_scales` are the delayed-calibrated scales the candidate recorded; `gguf` the
     model file (llama.cpp's twin needs each weight's type)."""
-    if spec.arithmetic == "ggml-q8":
-        from fp8parity.engines.ggml_twin import GGMLCPUTwin, weight_types
+    if spec.arithmetic.startswith("ggml"):
+        from fp8parity.engines.ggml_twin import GGMLCPUTwin, GGMLCUDATwin, weight_types
 
         if gguf is None:
             raise WorkbookError("llama.cpp's twin needs the model file to know each weight's type.")
-        return GGMLCPUTwin(weight_types(gguf))
+        return GGMLCUDATwin(gguf) if spec.arithmetic == "ggml-cuda" else GGMLCPUTwin(weight_types(gguf))
     if spec.arithmetic == "fp32":
         return ReferenceBackend()
     if spec.arithmetic == "bf16":
@@ -121,5 +122,5 @@ def make_twin(spec: TwinSpec, input_scales: dict[str, float] | None = None, gguf
 def fingerprint_specs(input_scales: dict[str, float] | None = None) -> list[TwinSpec]:
     """Every recipe stage B's fingerprint tries against a trace."""
     grans = [g for g in FP8_GRANULARITIES if g != "delayed-calibrated" or input_scales]
-    return [TwinSpec("fp32"), TwinSpec("bf16", bias="bf16"), TwinSpec("ggml-q8")] + [
+    return [TwinSpec("fp32"), TwinSpec("bf16", bias="bf16"), TwinSpec("ggml-q8"), TwinSpec("ggml-cuda")] + [
         TwinSpec("fp8", g, bias=b) for g in grans for b in ("fp32", "bf16")]

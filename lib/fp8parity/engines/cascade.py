@@ -24,8 +24,9 @@ def measure_b(engine: LlamaCppEngine, wb: Workbench, paths) -> list[TraceParityR
         for path in paths:
             engine.run(ids, path)
             folder = wb.run_dir / "traces" / f"prompt{i}-{path}" / "candidate"
-            save_trace(folder, engine.taps, {"path": path, "prompt_ids": ids, "prompt": wb.prompts[i],
-                                             "side": "candidate", "twin": {"arithmetic": "ggml-q8"}} | wb.provenance())
+            meta = {"path": path, "prompt_ids": ids, "prompt": wb.prompts[i], "side": "candidate",
+                    "twin": {"arithmetic": engine.twin_arithmetic}}
+            save_trace(folder, engine.taps, meta | wb.provenance())
             out.append(measure_b_trace(wb, folder))
     return out
 

@@ -7,6 +7,9 @@ agrees to fp32 accumulation noise, and whatever remains is what stage B should l
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from fp8parity.backends.base import LinearBackend
@@ -18,12 +21,15 @@ VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "Q4_1": "Q8_1", 
                 "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "F16": "F16", "BF16": "BF16", "F32": "F32"}
 
 
+def gemm_tensors(gguf) -> dict[str, str]:
+    """GEMM key (as the forward names it: '3.q_proj', 'lm_head') -> the GGUF tensor of its weight."""
+    names = {f"{L}.{op}": tensor_name(kind, L) for L in range(gguf.config.n_layers) for op, _, kind, _ in LINEAR_OPS}
+    return names | {"lm_head": TOKEN_EMBD if gguf.config.tied_embeddings else OUTPUT}
+
+
 def weight_types(gguf) -> dict[str, str]:
-    """GEMM key (as the forward names it: '3.q_proj', 'lm_head') -> the GGUF type of its weight."""
-    types = {f"{L}.{op}": gguf.tensors[tensor_name(kind, L)].tensor_type.name
-             for L in range(gguf.config.n_layers) for op, _, kind, _ in LINEAR_OPS}
-    head = TOKEN_EMBD if gguf.config.tied_embeddings else OUTPUT
-    return types | {"lm_head": gguf.tensors[head].tensor_type.name}
+    """GEMM key -> the GGUF type of its weight."""
+    return {key: gguf.qtype(name) for key, name in gemm_tensors(gguf).items()}
 
 
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -68,3 +74,128 @@ class GGMLCPUTwin(LinearBackend):
         xq = quantize_activations(x, VEC_DOT_TYPE.get(self.types.get(key, "F32"), "F32"))
         y = (xq.double() @ w.double().t()).float()
         return y if b is None else y + b.float()
+
+
+# --- llama.cpp's CUDA kernels (ggml-cuda, built with -use_fast_math) ---------------------------------------------------
+# Up to MMVQ_MAX_BATCH rows (decode) a quantized GEMM runs MMVQ, more rows (prefill) MMQ (ggml-cuda.cu, mmvq.cuh; MMQ on
+# every card with int8 tensor cores). Both round the activations to Q8_1: per 32 values, d = amax / 127, q = roundf(x/d).
+MMVQ_MAX_BATCH = 8
+# MMQ stores the Q8_1 scale with the block sum as an fp16 pair (DS4 layout) for these weight types, as fp32 otherwise
+# (mmq.cuh, mmq_get_q8_1_ds_layout); MMVQ's block_q8_1 always holds it in fp16
+MMQ_DS4 = {"Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K"}
+QUANTIZED = set(VEC_DOT_TYPE) - {"F16", "BF16", "F32"}
+# -use_fast_math divides approximately (2 ulp): where x/d lies this many fp32 ulps from a rounding tie, the GPU may round
+# either way, and the twin admits both (one quantization step, at that one activation)
+TIE_ULPS = 4
+
+
+def _roundf(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ties away from zero) of fp32 values, evaluated exactly in fp64."""
+    v = v.double()
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+def _blocks32(x: torch.Tensor) -> torch.Tensor:
+    t, n = x.shape
+    return x.float().reshape(t, n // 32, 32)
+
+
+def q8_1(x: torch.Tensor, kernel: str, scale_fp16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations as ggml-cuda's Q8_1 quantizers round them, per 32 values: MMVQ (quantize_q8_1) d = amax/127,
+    q = roundf(x/d); MMQ (quantize_mmq_q8_1) q = roundf(x * (127/amax)), d = 1/(127/amax). Returns (q, d as the
+    kernel stores it, other), each (T, n/32, 32 | 1); `other` is, for values within TIE_ULPS of a rounding tie, the
+    step to the other rounding (+1 or -1), and 0 elsewhere."""
+    b = _blocks32(x)
+    amax = b.abs().amax(-1, keepdim=True)
+    zero = amax == 0
+    safe = torch.where(zero, torch.ones_like(amax), amax)
+    if kernel == "mmvq":
+        d = safe / 127.0
+        v = b / d
+    else:
+        inv = torch.full_like(safe, 127.0) / safe  # true divisions, as the C source writes them
+        v = b * inv
+        d = 1.0 / inv
+    q = torch.where(zero, torch.zeros_like(b), _roundf(v).float())
+    ulp = torch.abs(torch.nextafter(v, torch.full_like(v, math.inf)) - v)
+    tie = ((v.abs() - v.abs().floor() - 0.5).abs() <= TIE_ULPS * ulp) & ~zero
+    other = torch.where(tie, torch.sign(v.double() - q.double()).float(), torch.zeros_like(v))
+    d = torch.where(zero, torch.zeros_like(d), d)
+    return q, (d.half().float() if scale_fp16 else d), other
+
+
+def q4_k_mmq_parts(raw: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q4_K weight as MMQ's tensor-core path multiplies it: each 32-value sub-block's d*sc and dmin*m formed in fp16
+    (mmq-load-tiles.cuh: dm * make_half2(sc, m)). Returns (W1: q * fp16(d*sc), (rows, cols); M: fp16(dmin*m),
+    (rows, cols/32)); the GEMM is then x̂ @ W1ᵀ - fp16(block sums of x) @ Mᵀ."""
+    from fp8parity.dequant import _f16, _k_scale_min, _q4_k
+
+    b = raw.reshape(-1, 144)
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    a = (_f16(b, 0) * sc.float()).half().float()
+    m = (_f16(b, 1) * mn.float()).half().float()
+    unit = b.clone()  # d = 1, dmin = 0, every scale 1: dequantizing yields the 4-bit values themselves
+    unit[:, 0:4] = torch.tensor([0x00, 0x3C, 0x00, 0x00], dtype=torch.uint8)
+    unit[:, 4:16] = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.uint8)
+    q = torch.empty(n * 256, dtype=torch.float32)
+    _q4_k(unit, q.view(n, 256))
+    w1 = (q.view(n, 8, 32) * a.view(n, 8, 1)).reshape(rows, cols)
+    return w1, m.reshape(rows, cols // 32)
+
+
+class GGMLCUDATwin(LinearBackend):
+    """llama.cpp's CUDA GEMMs: activations rounded to Q8_1 as MMVQ (≤ 8 rows) or MMQ (more) round them, a Q4_K weight's
+    sub-block scales in fp16 as MMQ forms them, then an exact (fp64) product rounded to fp32, the bias added in fp32.
+
+    Fast-math division can put an activation one step the other side of a rounding tie; `linear_near` admits, value
+    by value, the rounding nearer the candidate's output at those ties only, and counts them (`admitted`)."""
+
+    name = "ggml-cuda twin"
+
+    def __init__(self, gguf):
+        super().__init__()
+        self.gguf, self.types, self.tensors = gguf, weight_types(gguf), gemm_tensors(gguf)
+        self.admitted = 0  # activations rounded the other way at a tie, over the whole replay
+
+    def _raw(self, key: str) -> torch.Tensor:
+        """The weight's quantized blocks as the file stores them (uint8)."""
+        return torch.from_numpy(np.ascontiguousarray(self.gguf.tensors[self.tensors[key]].data)).view(torch.uint8)
+
+    def _parts(self, x, w, key):
+        qtype = self.types.get(key, "F32")
+        if qtype not in QUANTIZED or x.shape[-1] % 32:
+            xq = x.half().float() if qtype == "F16" else x.float()  # cuBLAS on fp16 operands, fp32 sums
+            return xq.double() @ w.double().t(), None
+        kernel = "mmvq" if x.shape[0] <= MMVQ_MAX_BATCH else "mmq"
+        q, d, other = q8_1(x, kernel, scale_fp16=kernel == "mmvq" or qtype in MMQ_DS4)
+        xq = (q * d).reshape(x.shape).double()
+        if kernel == "mmq" and qtype == "Q4_K":
+            w1, m = q4_k_mmq_parts(self._raw(key), *w.shape)
+            sums = _blocks32(x).sum(-1).half().double()  # the block sums MMQ stores beside d, in fp16
+            y = xq @ w1.double().t() - sums @ m.double().t()
+            w = w1  # one step of an activation moves the output by d times this weight's column
+        else:
+            y = xq @ w.double().t()
+        return y, ((other * d).reshape(x.shape), w)  # an activation's other rounding at a tie, and what it multiplies
+
+    def linear(self, x, w, b, key):
+        y, _ = self._parts(x, w, key)
+        y = y.float()
+        return y if b is None else y + b.float()
+
+    def linear_near(self, x, w, b, key, target: torch.Tensor) -> torch.Tensor:
+        """As `linear`, with each tied activation rounded the way that brings its row nearer `target`."""
+        y, ties = self._parts(x, w, key)
+        if ties is not None:
+            y = self._admit(y, target.double() - (0 if b is None else b.double()), *ties)
+        y = y.float()
+        return y if b is None else y + b.float()
+
+    def _admit(self, y, target, step, w):
+        for t, k in step.nonzero().tolist():
+            moved = y[t] + float(step[t, k]) * w[:, k].double()
+            if (moved - target[t]).norm() < (y[t] - target[t]).norm():
+                y[t] = moved
+                self.admitted += 1
+        return y

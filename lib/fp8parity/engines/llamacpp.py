@@ -58,6 +58,12 @@ def node_op(name: str, occurrence: int) -> tuple[str, int] | None:
     return ops[occurrence], int(m["layer"]) if m["layer"] is not None else GLOBAL_LAYER
 
 
+# the twin of llama.cpp's GEMMs on each device (fp8parity.engines.ggml_twin): its CPU kernels round activations to
+# Q8_K / Q8_0; its CUDA kernels to Q8_1 blocks of 32, as MMQ (batches over 8 rows) or MMVQ (up to 8) round them
+TWIN_OF_DEVICE = {"cpu": "ggml-q8", "cuda": "ggml-cuda"}
+ALL_LAYERS = 999  # n_gpu_layers beyond any model's layer count: every layer and the output offloaded
+
+
 def _import_llama_cpp():
     try:
         import llama_cpp
@@ -68,6 +74,14 @@ def _import_llama_cpp():
     return llama_cpp, _ggml.libggml
 
 
+def check_device(device: str) -> None:
+    """llama-cpp-python importable and, for device cuda, built with GPU offload: else one sentence."""
+    L, _ = _import_llama_cpp()
+    if device == "cuda" and not L.llama_supports_gpu_offload():
+        raise WorkbookError("LLAMA_DEVICE=cuda needs llama-cpp-python built with CUDA, and the one installed was built "
+                            "for the CPU; run `make engines CUDA=1` on a machine with the CUDA toolkit.")
+
+
 class _Tensor(ctypes.Structure):
     """The head of ggml's `struct ggml_tensor`: type, buffer, ne[4] (stable across ggml versions)."""
 
@@ -75,12 +89,14 @@ class _Tensor(ctypes.Structure):
 
 
 class LlamaCppEngine:
-    """The GGUF loaded by llama.cpp (CPU, or `gpu_layers` offloaded to CUDA in a CUDA build); `run` returns its taps
-    and the logits of every position."""
+    """The GGUF loaded by llama.cpp, on the CPU or (device cuda, a CUDA build) with every layer on the GPU; `run`
+    returns its taps and the logits of every position."""
 
-    def __init__(self, model_path: str, threads: int | None = None, gpu_layers: int = 0, n_ctx: int = 2048,
+    def __init__(self, model_path: str, threads: int | None = None, device: str = "cpu", n_ctx: int = 2048,
                  repack: bool = True):
+        check_device(device)
         self.L, self.ggml = L, ggml = _import_llama_cpp()
+        self.device = device
         ggml.ggml_get_name.restype, ggml.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
         ggml.ggml_nbytes.restype, ggml.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
         ggml.ggml_is_contiguous.restype, ggml.ggml_is_contiguous.argtypes = ctypes.c_bool, [ctypes.c_void_p]
@@ -90,7 +106,7 @@ class LlamaCppEngine:
         self._log = L.llama_log_callback(lambda level, text, user: None)  # llama.cpp's load chatter stays quiet
         L.llama_log_set(self._log, ctypes.c_void_p())
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = gpu_layers
+        mp.n_gpu_layers = ALL_LAYERS if device == "cuda" else 0
         mp.use_extra_bufts = repack  # llama.cpp's default: weights repacked for its batched (prefill) CPU kernels
         self.repack = repack
         self.model = L.llama_model_load_from_file(str(model_path).encode(), mp)
@@ -103,6 +119,7 @@ class LlamaCppEngine:
         # to fp16, an arithmetic the twin does not model yet; the GEMMs keep llama.cpp's own activation quantization
         cp.type_k = cp.type_v = GGML_TYPE_F32
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.op_offload = False  # a CUDA build would otherwise send large CPU matmuls to the GPU: one device per run
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
         cp.cb_eval, cp.cb_eval_user_data = self._callback, None
@@ -117,9 +134,13 @@ class LlamaCppEngine:
         self.skipped: Counter = Counter()  # mapped nodes not F32 or not contiguous: not read
 
     def describe(self) -> dict:
-        return {"name": "llama.cpp", "llama_cpp_python": self.L.__version__, "kv_cache": "f32", "flash_attn": False,
-                "repack": self.repack,
+        return {"name": "llama.cpp", "llama_cpp_python": self.L.__version__, "device": self.device,
+                "kv_cache": "f32", "flash_attn": False, "repack": self.repack, "twin": self.twin_arithmetic,
                 "system_info": self.L.llama_print_system_info().decode().strip()}
+
+    @property
+    def twin_arithmetic(self) -> str:
+        return TWIN_OF_DEVICE[self.device]
 
     def _on_node(self, t, ask, _user) -> bool:
         """ggml's eval callback: asked about each node in graph order (answer: do we want it), then called again with
@@ -226,17 +247,17 @@ class LlamaCppEngine:
 
 
 def write_trace(model_path: str, ids: list[int], path: str, out, prompt: str = "", threads: int | None = None,
-                gpu_layers: int = 0, repack: bool = True) -> tuple[dict, torch.Tensor]:
+                device: str = "cpu", repack: bool = True) -> tuple[dict, torch.Tensor]:
     """llama.cpp's taps of one prompt on one path, saved as a workbook trace judged by stage B against llama.cpp's own
-    twin (`ggml-q8`); returns (meta, logits of every position)."""
+    twin (`ggml-q8` on the CPU, `ggml-cuda` on CUDA); returns (meta, logits of every position)."""
     from fp8parity.trace import save_trace
 
-    engine = LlamaCppEngine(model_path, threads=threads, gpu_layers=gpu_layers, n_ctx=max(512, len(ids)), repack=repack)
+    engine = LlamaCppEngine(model_path, threads=threads, device=device, n_ctx=max(512, len(ids)), repack=repack)
     try:
         logits = engine.run(ids, path)
         taps = dict(engine.taps)
         meta = {"path": path, "prompt_ids": ids, "prompt": prompt, "side": "candidate", "backend": "llama.cpp",
-                "engine": engine.describe() | {"gpu_layers": gpu_layers}, "twin": {"arithmetic": "ggml-q8"},
+                "engine": engine.describe(), "twin": {"arithmetic": engine.twin_arithmetic},
                 "unmeasured_ops": list(UNMEASURED_OPS), "not_read": dict(engine.skipped)}
     finally:
         engine.close()
