@@ -12,14 +12,10 @@ from collections.abc import Iterable
 import torch
 from gguf import MODEL_TENSOR
 
-EMBEDDING = "embedding"
-FINAL_NORM = "final_norm"
-LOGITS = "logits"
-LAYER_OPS = (
-    "attn_norm", "q_proj", "k_proj", "v_proj", "q_post_rope", "k_post_rope", "attention", "attn_out",
-    "post_attn_residual", "ffn_norm", "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "post_ffn_residual",
-)
-GLOBAL_LAYER = -1
+from fp8parity.ops import ALL_OPS, EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LAYER_OPS, LOGITS
+
+__all__ = ["ALL_OPS", "EMBEDDING", "FINAL_NORM", "GLOBAL_LAYER", "LAYER_OPS", "LOGITS", "LINEAR_OPS", "Recorder",
+           "TapKey", "forward_order"]
 # Each linear layer of a block: (its output tap, the tap holding its input, its GGUF tensor, has bias)
 LINEAR_OPS = (
     ("q_proj", "attn_norm", MODEL_TENSOR.ATTN_Q, True),
@@ -30,7 +26,6 @@ LINEAR_OPS = (
     ("ffn_up", "ffn_norm", MODEL_TENSOR.FFN_UP, False),
     ("ffn_out", "ffn_swiglu", MODEL_TENSOR.FFN_DOWN, False),
 )
-ALL_OPS = (EMBEDDING, *LAYER_OPS, FINAL_NORM, LOGITS)
 
 
 def forward_order(op: str, layer: int) -> tuple[int, int]:
