@@ -1,8 +1,8 @@
 """llama.cpp in a process of its own: the GGUF through llama-cpp-python's C API, every mapped node's output read
 through llama.cpp's graph-evaluation callback (`cb_eval`), answered to `fp8parity.engines.llamacpp` over a pipe.
 
-Why a process: a CUDA build of llama.cpp and PyTorch's CUDA libraries do not share one process (loading the model
-crashed on the H200 whichever was imported first), so this module imports neither torch nor anything that does.
+Why a process: a CUDA build of llama.cpp crashes loading a model once torch (or numpy) was imported before it (seen on
+the H200), so the worker imports llama_cpp first (`llamacpp.WORKER_BOOT`) and this module never imports torch.
 
 The callback is asked about every graph node; it answers yes only for nodes NODE_OPS maps (and the layers asked for),
 so memory stays bounded; for those it copies the data with `ggml_backend_tensor_get`.
@@ -212,6 +212,3 @@ def main() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     serve(sys.stdin.buffer, replies)
 
-
-if __name__ == "__main__":
-    main()

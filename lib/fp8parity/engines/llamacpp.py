@@ -35,6 +35,11 @@ def check_device(device: str) -> None:
                             "for the CPU; run `make engines CUDA=1` on a machine with the CUDA toolkit.")
 
 
+# llama_cpp first: with numpy's OpenBLAS loaded before it, a CUDA build crashed loading the model (H200, numpy 2 with
+# scipy-openblas; the same crash with torch imported first)
+WORKER_BOOT = "import llama_cpp; from fp8parity.engines.llama_worker import main; main()"
+
+
 class LlamaCppEngine:
     """The GGUF loaded by llama.cpp, on the CPU or (device cuda, a CUDA build) with every layer on the GPU; `run`
     returns its taps and the logits of every position."""
@@ -45,8 +50,8 @@ class LlamaCppEngine:
         self.device, self.repack, self.n_ctx = device, repack, n_ctx
         lib = str(Path(__file__).resolve().parents[2])  # the worker imports fp8parity from where this one came
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (lib, os.environ.get("PYTHONPATH"))))}
-        self._proc = subprocess.Popen([sys.executable, "-m", "fp8parity.engines.llama_worker"], env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._proc = subprocess.Popen([sys.executable, "-c", WORKER_BOOT], env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE)
         self._info = self._call("open", str(model_path), threads, device, n_ctx, repack)
         self.n_vocab = self._info["n_vocab"]
         self.taps: dict[TapKey, torch.Tensor] = {}
