@@ -72,7 +72,7 @@ extern "C" __global__ void softmax_causal(const float* x, float* y, int S, int T
     const int valid = start + t + 1;
     const float* xr = x + (long long)row * S;
     float* yr = y + (long long)row * S;
-    float mx = -INFINITY;
+    float mx = -3.402823466e38f;
     for (int j = 0; j < valid; j++) mx = fmaxf(mx, xr[j] * scale);
     float sum = 0.0f;
     for (int j = 0; j < valid; j++) { const float e = expf(xr[j] * scale - mx); yr[j] = e; sum += e; }

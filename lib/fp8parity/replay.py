@@ -62,6 +62,9 @@ FLOORS: dict[str, Floor] = {
     "gemm-fp8": Floor(2.4e-3, f"E4M3 GEMMs whose partial sums are promoted to fp32, vs the twin's exact fp32 sums: "
                       f"torch._scaled_mm fast accumulation off 2.08e-3 (tensor) / 1.84e-3 (rowwise), TE block 2.36e-3 "
                       f"({_GPU})"),
+    "gemm-ggml-cuda": Floor(3.2e-5, f"2 x 1.57e-5: llama.cpp's CUDA GEMM formulas (activations as its Q8_1 kernels round "
+                                    f"them, its fp16 block sums) evaluated in fp32 vs fp64, MMVQ (MMQ: 2.46e-6; {_CPU}; "
+                                    f"benchmarks/ggml_cuda_gemm_floor.py)"),
     "gemm-fp8-fast": Floor(1.6e-2, f"E4M3 GEMMs with Hopper's fast (~14-bit) accumulation vs fp32 sums: "
                            f"torch._scaled_mm fast on 1.55e-2, TE current 1.55e-2, delayed-calibrated 1.50e-2 "
                            f"(worst: layer 22 ffn_out, position 0, K=4864; {_GPU}); the CPU model of fast "
@@ -70,12 +73,24 @@ FLOORS: dict[str, Floor] = {
 # llama.cpp's CUDA build compiles with -use_fast_math (approximate expf, sinf/cosf, powf, rsqrtf, division): its fp32
 # ops are judged by what a correct fast-math implementation of the same formulas deviates from fp64, measured on the
 # GPU by benchmarks/cuda_fast_math_floors.py (raw numbers in benchmarks/results/cuda_fast_math_floors_h200.json)
-FAST_MATH_FLOORS: dict[str, Floor] = {}
+_FAST = "NVIDIA H200, CUDA 13.0, NVRTC --use_fast_math (CuPy)"
+FAST_MATH_FLOORS: dict[str, Floor] = {
+    "rope": Floor(3.2e-6, f"2 x 1.55e-6: ggml-cuda's RoPE formula (pos * powf(theta_scale, i), cosf, sinf) with fast "
+                          f"math vs fp64 ({_FAST}); without fast math 2.84e-7"),
+    "swiglu": Floor(2.6e-7, f"2 x 1.30e-7: x / (1 + expf(-x)) * up with fast math vs fp64 ({_FAST})"),
+}
+# the prefill's q·kᵀ and p·v with an F32 KV cache: cuBLAS in TF32 (ggml-cuda sets CUBLAS_TF32_TENSOR_OP_MATH);
+# measured by benchmarks/tf32_attention_floor.py (raw: benchmarks/results/tf32_attention_floor_h200.json)
+TF32_ATTENTION_FLOOR = Floor(5.7e-2, "2 x 2.82e-2 (layer 0; 2.86e-3 at layer 1, 8.8e-4 at layers 22-23): cuBLAS "
+                                     "TF32 attention vs fp64 on a prefill's q/k/v (NVIDIA H200, torch 2.11.0+cu130)")
 
 
-def floors_for(spec) -> dict[str, Floor]:
-    """The noise floors that judge a trace replayed through `spec`'s twin."""
-    return FLOORS | FAST_MATH_FLOORS if spec.arithmetic == "ggml-cuda" else FLOORS
+def floors_for(spec, path: str = "decode") -> dict[str, Floor]:
+    """The noise floors that judge a trace of `path` replayed through `spec`'s twin."""
+    if spec.arithmetic != "ggml-cuda":
+        return FLOORS
+    floors = FLOORS | FAST_MATH_FLOORS
+    return floors | {"attention": TF32_ATTENTION_FLOOR} if path == "prefill" else floors
 
 
 ALARM_FACTOR = 4.0  # an op diverges when its local error is more than this many times its class's floor
@@ -204,6 +219,8 @@ class Replayer:
         plan = [(op, L) for op, L in plan if ops is None or op in ops]
         out = []
         for ps in groups(path, positions):
+            if hasattr(self.twin, "batch_rows"):  # a twin whose kernel depends on how many rows the candidate's batch had
+                self.twin.batch_rows = len(prompt_ids) if path == "prefill" and prompt_ids else len(ps)
             for op, L in plan:
                 got = [p for p in ps if (p, L, op) in trace]
                 if not got:

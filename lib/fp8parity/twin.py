@@ -45,7 +45,9 @@ class TwinSpec:
     @property
     def gemm_class(self) -> str:
         """The noise-floor class of this twin's GEMMs: FP8 with fast (~14-bit) accumulation is a class of its own."""
-        if self.arithmetic.startswith("ggml"):  # the twin rounds the activations as ggml does; what is left: fp32 sums
+        if self.arithmetic == "ggml-cuda":  # activations as ggml-cuda rounds them; left: fp32 sums of cancelling terms
+            return "gemm-ggml-cuda"
+        if self.arithmetic == "ggml-q8":  # the twin rounds the activations as ggml does; what is left is fp32 summation
             return "gemm-fp32"
         return f"gemm-{self.arithmetic}" + ("-fast" if self.arithmetic == "fp8" and self.accumulation == "fast" else "")
 

@@ -59,7 +59,7 @@ def stage_b(reference: Qwen2Model, taps: dict, path: str, ids: list[int], arithm
     """Every op of one trace replayed through the device's twin: the worst op and the first beyond its floor."""
     spec = twin.TwinSpec(arithmetic)
     tw = twin.make_twin(spec, gguf=reference.gguf)
-    rp = replay.Replayer(reference, tw, spec.gemm_class, floors=replay.floors_for(spec))
+    rp = replay.Replayer(reference, tw, spec.gemm_class, floors=replay.floors_for(spec, path))
     table = replay.local_table(rp.replay(taps, path, ids))
     worst, first = replay.worst_row(table), replay.first_beyond(table)
     return {"twin": arithmetic, "worst_op": f"L{int(worst.layer)} {worst.op}", "worst_times_floor": float(worst.times_floor),

@@ -83,6 +83,10 @@ MMVQ_MAX_BATCH = 8
 # MMQ stores the Q8_1 scale with the block sum as an fp16 pair (DS4 layout) for these weight types, as fp32 otherwise
 # (mmq.cuh, mmq_get_q8_1_ds_layout); MMVQ's block_q8_1 always holds it in fp16
 MMQ_DS4 = {"Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K"}
+# MMVQ applies these types' offset through the activation block's fp16 sum of the unquantized values, not through the
+# quantized ones: d * (d8 * Σ (q + off) q8 - off * s8) (vecdotq.cuh, vec_dot_q4_0/q5_0_q8_1_impl); block bytes
+MMVQ_SUM_OFFSET = {"Q4_0": 8, "Q5_0": 16}
+BLOCK_BYTES = {"Q4_0": 18, "Q5_0": 22}
 QUANTIZED = set(VEC_DOT_TYPE) - {"F16", "BF16", "F32"}
 # -use_fast_math divides approximately (2 ulp): where x/d lies this many fp32 ulps from a rounding tie, the GPU may round
 # either way, and the twin admits both (one quantization step, at that one activation)
@@ -144,39 +148,58 @@ def q4_k_mmq_parts(raw: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tenso
     return w1, m.reshape(rows, cols // 32)
 
 
+def block_scales(raw: torch.Tensor, rows: int, cols: int, qtype: str) -> torch.Tensor:
+    """The fp16 scale d of each 32-value block of a Q4_0 / Q5_0 weight, (rows, cols/32)."""
+    b = raw.reshape(-1, BLOCK_BYTES[qtype])
+    return b[:, :2].contiguous().view(torch.float16).float().reshape(rows, cols // 32)
+
+
 class GGMLCUDATwin(LinearBackend):
     """llama.cpp's CUDA GEMMs: activations rounded to Q8_1 as MMVQ (≤ 8 rows) or MMQ (more) round them, a Q4_K weight's
-    sub-block scales in fp16 as MMQ forms them, then an exact (fp64) product rounded to fp32, the bias added in fp32.
+    sub-block scales in fp16 as MMQ forms them, a Q4_0 / Q5_0 offset through MMVQ's block sums, then an exact (fp64)
+    product rounded to fp32, the bias added in fp32. A tied output head stays with the embedding table in host memory,
+    so llama.cpp's CPU backend computes the logits: the CPU twin there.
 
     Fast-math division can put an activation one step the other side of a rounding tie; `linear_near` admits, value
     by value, the rounding nearer the candidate's output at those ties only, and counts them (`admitted`)."""
 
     name = "ggml-cuda twin"
 
-    def __init__(self, gguf):
+    def __init__(self, gguf, precision: torch.dtype = torch.float64):
         super().__init__()
         self.gguf, self.types, self.tensors = gguf, weight_types(gguf), gemm_tensors(gguf)
+        self.precision = precision  # float64: the exact product; float32: a correct fp32 evaluation (its noise floor)
+        self.batch_rows: int | None = None  # rows of the candidate's batch (the replayer sets it): MMVQ or MMQ
         self.admitted = 0  # activations rounded the other way at a tie, over the whole replay
+        self.cpu = GGMLCPUTwin(self.types) if gguf.config.tied_embeddings else None  # the tied head's GEMM
 
     def _raw(self, key: str) -> torch.Tensor:
         """The weight's quantized blocks as the file stores them (uint8)."""
         return torch.from_numpy(np.ascontiguousarray(self.gguf.tensors[self.tensors[key]].data)).view(torch.uint8)
 
     def _parts(self, x, w, key):
-        qtype = self.types.get(key, "F32")
+        """(x @ wᵀ as the kernel computes it, in `precision`; the tie steps and the weight columns they move along)."""
+        p, qtype = self.precision, self.types.get(key, "F32")
+        if key == "lm_head" and self.cpu is not None:
+            return self.cpu.linear(x, w, None, key).to(p), None
         if qtype not in QUANTIZED or x.shape[-1] % 32:
             xq = x.half().float() if qtype == "F16" else x.float()  # cuBLAS on fp16 operands, fp32 sums
-            return xq.double() @ w.double().t(), None
-        kernel = "mmvq" if x.shape[0] <= MMVQ_MAX_BATCH else "mmq"
+            return xq.to(p) @ w.to(p).t(), None
+        kernel = "mmvq" if (self.batch_rows or x.shape[0]) <= MMVQ_MAX_BATCH else "mmq"
         q, d, other = q8_1(x, kernel, scale_fp16=kernel == "mmvq" or qtype in MMQ_DS4)
-        xq = (q * d).reshape(x.shape).double()
+        xq = (q * d).reshape(x.shape).to(p)
+        sums = _blocks32(x).sum(-1).half().to(p)  # the block sums stored beside d, in fp16
         if kernel == "mmq" and qtype == "Q4_K":
             w1, m = q4_k_mmq_parts(self._raw(key), *w.shape)
-            sums = _blocks32(x).sum(-1).half().double()  # the block sums MMQ stores beside d, in fp16
-            y = xq @ w1.double().t() - sums @ m.double().t()
-            w = w1  # one step of an activation moves the output by d times this weight's column
+            w = w1.to(p)  # one step of an activation moves the output by d times this weight's column
+            y = xq @ w.t() - sums @ m.to(p).t()
+        elif kernel == "mmvq" and qtype in MMVQ_SUM_OFFSET:
+            off, dw = MMVQ_SUM_OFFSET[qtype], block_scales(self._raw(key), *w.shape, qtype).to(p)
+            w = w.to(p) + off * dw.repeat_interleave(32, dim=1)  # the stored (unsigned) values times d
+            y = xq @ w.t() - off * (sums @ dw.t())
         else:
-            y = xq @ w.double().t()
+            w = w.to(p)
+            y = xq @ w.t()
         return y, ((other * d).reshape(x.shape), w)  # an activation's other rounding at a tie, and what it multiplies
 
     def linear(self, x, w, b, key):
@@ -188,13 +211,13 @@ class GGMLCUDATwin(LinearBackend):
         """As `linear`, with each tied activation rounded the way that brings its row nearer `target`."""
         y, ties = self._parts(x, w, key)
         if ties is not None:
-            y = self._admit(y, target.double() - (0 if b is None else b.double()), *ties)
+            y = self._admit(y, target.to(y.dtype) - (0 if b is None else b.to(y.dtype)), *ties)
         y = y.float()
         return y if b is None else y + b.float()
 
     def _admit(self, y, target, step, w):
         for t, k in step.nonzero().tolist():
-            moved = y[t] + float(step[t, k]) * w[:, k].double()
+            moved = y[t] + float(step[t, k]) * w[:, k]
             if (moved - target[t]).norm() < (y[t] - target[t]).norm():
                 y[t] = moved
                 self.admitted += 1

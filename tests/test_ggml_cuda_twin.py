@@ -1,0 +1,80 @@
+"""The twin of llama.cpp's CUDA kernels, checked against what llama.cpp 0.3.36 computed on an NVIDIA H200 (layer 0 and
+the embedding of 6 positions of the real default model, both paths, cut from a trace the GPU host wrote; no GPU here):
+every op within its floor, a 2 % fault planted in that trace pinned to its (position, layer, op), the CPU twin unable
+to explain the CUDA GEMMs, and the Q8_1 and Q4_K pieces of the twin against independent arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fp8parity import replay, twin
+from fp8parity.engines.ggml_twin import MMVQ_MAX_BATCH, q4_k_mmq_parts, q8_1
+from fp8parity.qwen2 import Qwen2Model
+from fp8parity.trace import load_trace
+
+DATA = Path(__file__).parent / "data"
+
+
+def replay_table(model, taps, meta, arithmetic="ggml-cuda"):
+    spec = twin.TwinSpec(arithmetic)
+    tw = twin.make_twin(spec, gguf=model.gguf)
+    rp = replay.Replayer(model, tw, spec.gemm_class, floors=replay.floors_for(spec, meta["path"]))
+    return replay.local_table(rp.replay(taps, meta["path"], meta["prompt_ids"], layers=[0]))
+
+
+@pytest.fixture(scope="module")
+def reference(default):
+    return Qwen2Model(default)
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_the_h200_trace_replays_within_its_floors(reference, path):
+    taps, meta = load_trace(DATA / f"h200_llama_cuda_{path}")
+    table = replay_table(reference, taps, meta)
+    measured = table[table.status == "measured"]
+    assert len(measured) >= 12 and not measured.beyond.any(), measured[["op", "times_floor"]]
+    gemms = measured[measured.op_class == "gemm-ggml-cuda"]
+    assert set(gemms.op) >= {"q_proj", "k_proj", "v_proj", "ffn_gate", "ffn_up", "ffn_out"}
+    assert gemms.times_floor.max() < 1.0  # the twin's rounding is llama.cpp's, to fp32 summation
+    if path == "prefill":  # the TF32 attention is what the prefill's floor allows for, the decode row is fp32
+        assert measured.set_index("op").loc["attention", "rel_l2"] > replay.FLOORS["attention"].rel_l2
+
+
+def test_a_two_percent_fault_in_the_h200_trace_is_pinned(reference):
+    taps, meta = load_trace(DATA / "h200_llama_cuda_prefill")
+    taps[(3, 0, "ffn_up")] = taps[(3, 0, "ffn_up")] * 1.02
+    first = replay.first_beyond(replay_table(reference, taps, meta))
+    assert (first["layer"], first["op"], first["position"]) == (0, "ffn_up", 3)
+
+
+def test_the_cpu_twin_cannot_explain_the_cuda_gemms(reference):
+    taps, meta = load_trace(DATA / "h200_llama_cuda_decode")
+    table = replay_table(reference, taps, meta, arithmetic="ggml-q8")
+    gemms = table[(table.status == "measured") & (table.op_class == "gemm-fp32")]
+    assert gemms.beyond.any()
+
+
+def test_q8_1_rounds_per_block_of_32_as_the_cuda_kernels():
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)) * 4
+    x[0, 5] = 0.0
+    for kernel in ("mmvq", "mmq"):
+        q, d, other = q8_1(x, kernel, scale_fp16=True)
+        b = x.reshape(3, 8, 32)
+        assert q.abs().max() <= 127 and torch.equal(q.abs().amax(-1), torch.full((3, 8), 127.0))
+        assert torch.all((b - q * d).abs() <= d * (0.5 + 127 * 2**-11))  # half a step, plus the fp16 scale's rounding
+        assert other.abs().max() <= 1
+    assert MMVQ_MAX_BATCH == 8
+
+
+def test_q4_k_parts_reassemble_the_weight_within_fp16_rounding(default):
+    name = next(n for n in default.tensors if default.qtype(n) == "Q4_K")
+    w = default.tensor(name)
+    raw = torch.from_numpy(np.ascontiguousarray(default.tensors[name].data)).view(torch.uint8)
+    w1, m = q4_k_mmq_parts(raw, *w.shape)
+    rebuilt = (w1.view(w.shape[0], -1, 32) - m.unsqueeze(-1)).reshape(w.shape)
+    assert not torch.equal(rebuilt, w)  # MMQ's fp16 products are not the file's fp32 scales
+    assert float((rebuilt - w).abs().max()) <= 2**-10 * float(w.abs().max())
