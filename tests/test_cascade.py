@@ -119,3 +119,33 @@ def test_capsule_round_trip_replays_the_reference_exactly(tiny, tmp_path):
     assert (fp8.cosine_vs_fp64 > 0.99).all() and (fp8.rel_l2_vs_fp64 > 1e-3).all()
     with pytest.raises(WorkbookError, match="no capsule"):
         load_capsule(tmp_path / "missing.safetensors")
+
+
+def test_stage_f_forgives_a_near_tie_and_nothing_else():
+    """A run that leaves the golden output where the reference's margin is within 3 σ of the candidate's logit noise
+    counts as reproducing it (llama.cpp on CUDA: " simple" vs " Python", margin 0.021); a clear margin, or a run that
+    stops early or goes on past the golden end (missing stop tokens), does not."""
+    import math
+
+    import pandas as pd
+
+    from fp8parity.stages.f_golden import GoldenResult
+
+    base = {"prompt": "p", "golden": "g", "stop_reason": "stop_token 1", "golden_stop_reason": "stop_token 1",
+            "tokens": 5, "im_start_count": 0}
+    match = base | {"run": 1, "output": "g", "matches_golden": True, "diverged_at": -1, "divergence": "",
+                    "ref_margin": math.nan, "logit_noise": math.nan}
+    tie = base | {"run": 2, "output": "t", "matches_golden": False, "diverged_at": 3, "divergence": "token",
+                  "ref_margin": 0.021, "logit_noise": 0.05}
+    clear = tie | {"run": 3, "output": "c", "ref_margin": 5.0}
+    length = base | {"run": 4, "output": "g and more", "matches_golden": False, "diverged_at": 5, "divergence": "length",
+                     "ref_margin": math.nan, "logit_noise": math.nan}
+
+    def judge(*rows):
+        return stages.judge_f(GoldenResult(pd.DataFrame(rows), [1], True, {}), stages.GoldenRule())
+
+    v = judge(match, tie)
+    assert v.status == stages.PASS and v.runs_near_tie == 1 and "near-tie" in v.summary
+    assert judge(match, tie, clear).status == stages.FAIL
+    assert judge(match, length).status == stages.FAIL
+    assert judge(match, tie | {"logit_noise": 0.001}).status == stages.FAIL  # the same margin on a quiet candidate
