@@ -157,8 +157,7 @@ def block_scales(raw: torch.Tensor, rows: int, cols: int, qtype: str) -> torch.T
 class GGMLCUDATwin(LinearBackend):
     """llama.cpp's CUDA GEMMs: activations rounded to Q8_1 as MMVQ (≤ 8 rows) or MMQ (more) round them, a Q4_K weight's
     sub-block scales in fp16 as MMQ forms them, a Q4_0 / Q5_0 offset through MMVQ's block sums, then an exact (fp64)
-    product rounded to fp32, the bias added in fp32. A tied output head stays with the embedding table in host memory,
-    so llama.cpp's CPU backend computes the logits: the CPU twin there.
+    product rounded to fp32, the bias added in fp32.
 
     Fast-math division can put an activation one step the other side of a rounding tie; `linear_near` admits, value
     by value, the rounding nearer the candidate's output at those ties only, and counts them (`admitted`)."""
@@ -171,7 +170,6 @@ class GGMLCUDATwin(LinearBackend):
         self.precision = precision  # float64: the exact product; float32: a correct fp32 evaluation (its noise floor)
         self.batch_rows: int | None = None  # rows of the candidate's batch (the replayer sets it): MMVQ or MMQ
         self.admitted = 0  # activations rounded the other way at a tie, over the whole replay
-        self.cpu = GGMLCPUTwin(self.types) if gguf.config.tied_embeddings else None  # the tied head's GEMM
 
     def _raw(self, key: str) -> torch.Tensor:
         """The weight's quantized blocks as the file stores them (uint8)."""
@@ -180,8 +178,6 @@ class GGMLCUDATwin(LinearBackend):
     def _parts(self, x, w, key):
         """(x @ wᵀ as the kernel computes it, in `precision`; the tie steps and the weight columns they move along)."""
         p, qtype = self.precision, self.types.get(key, "F32")
-        if key == "lm_head" and self.cpu is not None:
-            return self.cpu.linear(x, w, None, key).to(p), None
         if qtype not in QUANTIZED or x.shape[-1] % 32:
             xq = x.half().float() if qtype == "F16" else x.float()  # cuBLAS on fp16 operands, fp32 sums
             return xq.to(p) @ w.to(p).t(), None
