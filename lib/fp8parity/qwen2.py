@@ -63,12 +63,21 @@ class WeightStore:
         self.device = torch.device("cpu")
         self._kept: dict[str, torch.Tensor] = {}
         self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cache = None  # fp8parity.weight_cache: the model's dequantized weights on disk, opened on first use
+
+    def _cached(self, name: str) -> torch.Tensor | None:
+        from fp8parity import weight_cache
+
+        if self._cache is None:
+            self._cache = weight_cache.open_cache(self.gguf) or False
+        return weight_cache.get(self._cache, name) if self._cache else None
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._kept:
             return self._kept[name]
         if self.keep:
-            w = self.gguf.tensor(name)
+            w = self._cached(name)
+            w = self.gguf.tensor(name) if w is None else w
         else:
             shape = self.gguf.shape(name)
             buf = self._buffers.get(shape)
