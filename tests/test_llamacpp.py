@@ -144,3 +144,19 @@ def test_activation_scales_are_true_divisions_as_in_c():
     assert code == 37 and quantize_q8_k(block)[0, 1].item() == pytest.approx(float(code / iscale), rel=1e-6)
     q0 = quantize_activations(block[:, :32], "Q8_0")[0, 1].item()
     assert round(q0 / float(np.float16(abs(mx) / np.float32(127)))) == int(np.rint(x * (np.float32(127) / abs(mx))))
+
+
+def test_the_twins_rope_angles_follow_ggmls_recurrence():
+    """ggml-cpu's rope_cache_init: theta starts at the position and is multiplied by powf(base, -2/d) once per pair,
+    each product rounded to fp32; written here as the C loop, in numpy float32."""
+    from fp8parity.engines.ggml_twin import ggml_rope_tables
+
+    d, base = 128, 1_000_000.0
+    cos, sin = ggml_rope_tables(torch.arange(40), d, base, torch.float32, "cpu")
+    scale = np.float32(base) ** np.float32(-2.0 / d)
+    for p in (0, 7, 39):
+        theta = np.float32(p)
+        for i in range(d // 2):
+            assert cos[p, i] == cos[p, i + d // 2] == np.float32(np.cos(np.float64(theta)))
+            assert sin[p, i] == np.float32(np.sin(np.float64(theta)))
+            theta = np.float32(theta * scale)

@@ -188,7 +188,8 @@ class Replayer:
             x = _rows(tr, op[0] + "_proj", layer, ps)
             if x is None:
                 return None
-            cos, sin = rope_tables(torch.tensor(ps), hd, cfg.rope_theta, dt, "cpu")
+            tables = getattr(self.twin, "rope_tables", rope_tables)  # an engine's twin may form the angles its way
+            cos, sin = tables(torch.tensor(ps), hd, cfg.rope_theta, dt, "cpu")
             return apply_rope(x.view(T, -1, hd), cos, sin).reshape(T, -1)
         if op == "attention":
             q = _rows(tr, "q_post_rope", layer, ps)

@@ -45,6 +45,19 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
     return (q * (amax / 127.0).half().float()).reshape(t, n)
 
 
+def ggml_rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple:
+    """cos/sin (T, head_dim) as ggml computes its RoPE angles (ggml-cpu's rope_cache_init): theta_scale =
+    powf(base, -2/head_dim) in fp32, each pair's angle the previous one times theta_scale, in fp32, starting from the
+    position; cos and sin of the fp32 angle, rounded to fp32 (glibc's cosf/sinf are that accurate)."""
+    scale = torch.tensor(theta, dtype=torch.float32) ** torch.tensor(-2.0 / head_dim, dtype=torch.float32)
+    angles = [positions.to(torch.float32)]
+    for _ in range(head_dim // 2 - 1):
+        angles.append(angles[-1] * scale)  # one fp32 rounding a pair, as the C loop's theta *= theta_scale
+    a = torch.stack(angles, dim=-1).double()
+    cos, sin = a.cos().float(), a.sin().float()
+    return torch.cat((cos, cos), -1).to(dtype=dtype, device=device), torch.cat((sin, sin), -1).to(dtype=dtype, device=device)
+
+
 def quantize_activations(x: torch.Tensor, vec_dot: str) -> torch.Tensor:
     """The activations as ggml-cpu rounds them for a kernel of `vec_dot` type (returned dequantized, in fp32)."""
     from fp8parity.qwen2 import quantize_q8_k
@@ -65,6 +78,7 @@ class GGMLCPUTwin(LinearBackend):
     weight as the file defines it, rounded to fp32; the bias added in fp32."""
 
     name = "ggml-cpu twin"
+    rope_tables = staticmethod(ggml_rope_tables)  # the replay's RoPE angles as ggml forms them
 
     def __init__(self, types: dict[str, str]):
         super().__init__()
@@ -163,6 +177,7 @@ class GGMLCUDATwin(LinearBackend):
     by value, the rounding nearer the candidate's output at those ties only, and counts them (`admitted`)."""
 
     name = "ggml-cuda twin"
+    rope_tables = staticmethod(ggml_rope_tables)
 
     def __init__(self, gguf, precision: torch.dtype = torch.float64):
         super().__init__()
