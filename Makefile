@@ -19,7 +19,7 @@ arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
 DEFAULT_MODEL := data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint notebooks engines llama-trace model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
+.PHONY: setup test lint notebooks engines llama-wheel llama-trace model inspect run-all faults distribution judge-trace lab bench clean-venv tiny
 
 # Setup only when RUN is the venv's python; with RUN=python the active environment is used as is.
 ifeq ($(RUN),$(VENV)/bin/python)
@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	@if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory llama-wheel RUN=$(VENV)/bin/python || \
+		echo "note: llama.cpp (optional, BACKEND=llama.cpp) did not build; the rest works without it; make engines retries."; \
+	else echo "note: no cmake or C++ compiler, so llama.cpp (optional, BACKEND=llama.cpp) is not built; make engines builds it."; fi
 	touch $@
 
 test: $(SETUP)
@@ -88,11 +92,15 @@ distribution: $(SETUP) $(MODEL_DEP)
 LLAMA_CPP := llama-cpp-python==0.3.36
 CUDA_ARCH ?= 90
 WHEELS := data/cache/$(if $(CUDA),wheels-cuda,wheels)
-engines: $(SETUP)
-	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+engines: $(SETUP) llama-wheel
+
+# (no prerequisites: also called from the venv's setup, before the venv counts as made)
+llama-wheel:
+	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { echo "building $(LLAMA_CPP) from source (once; ~6 min on 2 cores) ..."; \
 		$(if $(CUDA),CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) -DGGML_CUDA_FA=off") \
-		$(RUN) -m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) "$(LLAMA_CPP)"
-	$(RUN) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
+		$(RUN) -m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) "$(LLAMA_CPP)"; }
+	$(RUN) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
+	$(RUN) -m pip install -q --disable-pip-version-check $(WHEELS)/llama_cpp_python-*.whl  # its dependencies (diskcache)
 
 llama-trace: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity llama-trace --model "$(MODEL)" --out "$(OUT)" $(if $(PROMPT),--prompt "$(PROMPT)") \
