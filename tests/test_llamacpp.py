@@ -160,3 +160,22 @@ def test_the_twins_rope_angles_follow_ggmls_recurrence():
             assert cos[p, i] == cos[p, i + d // 2] == np.float32(np.cos(np.float64(theta)))
             assert sin[p, i] == np.float32(np.sin(np.float64(theta)))
             theta = np.float32(theta * scale)
+
+
+def test_the_side_by_side_report_is_readable(tmp_path):
+    """compare.json/.md/.html from a table with the reference's empty cells: blanks, not NaN; provenance on top."""
+    import json
+    import math
+
+    import pandas as pd
+
+    from fp8parity.engines.compare import write_report
+
+    table = pd.DataFrame([{"prompt": 0, "engine": "reference (fp32, CPU)", "cos_vs_reference": 1.0,
+                           "decode_ms_per_token": math.nan},
+                          {"prompt": 0, "engine": "llama.cpp cuda", "cos_vs_reference": 0.999897,
+                           "decode_ms_per_token": 6.43}])
+    write_report(table, tmp_path / "r", {"model": "m.gguf", "card": "NVIDIA H200"})
+    html, md = (tmp_path / "r" / "compare.html").read_text(), (tmp_path / "r" / "compare.md").read_text()
+    assert "NaN" not in html and "nan" not in md and "0.999897" in html and "<b>card</b>: NVIDIA H200" in html
+    assert json.loads((tmp_path / "r" / "compare.json").read_text())["provenance"]["model"] == "m.gguf"

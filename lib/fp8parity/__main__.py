@@ -127,6 +127,7 @@ def _cmd_llama_compare(a: argparse.Namespace) -> int:
     from fp8parity.engines.compare import compare, write_report
     from fp8parity.engines.llamacpp import check_device
     from fp8parity.gguf_file import GGUFModel
+    from fp8parity.trace import commit, versions
 
     devices = tuple(d.strip() for d in a.devices.split(",") if d.strip())
     bad = [d for d in devices if d not in LLAMA_DEVICES]
@@ -148,6 +149,7 @@ def _cmd_llama_compare(a: argparse.Namespace) -> int:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     write_report(table, out, {"model": f"{g.path.name} (sha256 {g.sha256[:16]})", "card": card,
                               "llama-cpp-python": llama_cpp.__version__, "torch": torch.__version__,
+                              "fp8parity": versions()["fp8parity"] + (f" (git {commit()})" if commit() else ""),
                               "llama.cpp build": llama_cpp.llama_print_system_info().decode().strip(),
                               "engine settings": "F32 KV cache, flash attention off, op offload off; timed with the "
                                                  "eval callback attached, declining every node"})

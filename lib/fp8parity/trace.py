@@ -70,6 +70,21 @@ def _te_version() -> str | None:
     return None
 
 
+def commit() -> str:
+    """The workbook's git commit (short), '-dirty' with uncommitted changes; '' outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("-dirty" if dirty else "")
+
+
 def machine() -> dict:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),

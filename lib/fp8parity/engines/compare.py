@@ -106,15 +106,25 @@ def compare(model: str, prompts: list[str], devices=("cpu", "cuda"), paths=("pre
     return pd.DataFrame(rows)
 
 
+COLUMNS_NOTE = ("Logits are the last prompt position's. B_prefill_* and B_decode_*: stage B's local check of that path's trace against the "
+                "device's own twin (ggml-q8 on the CPU, ggml-cuda on CUDA): the worst op and its multiple of the noise "
+                "floor, how many ops are beyond 4x their floor, the first of them, and the activations the CUDA twin "
+                "rounded the other way at a fast-math tie. cuda_vs_cpu_*: the CUDA path's logits against the CPU path's.")
+STYLE = ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px} "
+         "td,th{border:1px solid #bbb;padding:3px 6px;vertical-align:top} th{background:#eee}")
+
+
 def write_report(table: pd.DataFrame, out: Path, provenance: dict) -> None:
     """compare.json (rows and provenance), compare.md (the table README carries) and compare.html."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps({"provenance": provenance, "rows": table.to_dict(orient="records")},
                                                  indent=1, default=str))
     head = "\n".join(f"- **{k}**: {v}" for k, v in provenance.items())
-    (out / "compare.md").write_text(f"{head}\n\n{table.to_markdown(index=False, floatfmt='.6g')}\n")
+    shown = table.astype(object).where(table.notna(), "")
+    (out / "compare.md").write_text(f"{head}\n\n{COLUMNS_NOTE}\n\n{shown.to_markdown(index=False, floatfmt='.6g')}\n")
     (out / "compare.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>llama.cpp CPU, CUDA and the reference</title></head>"
-        "<body><h1>llama.cpp CPU, CUDA and the reference</h1><ul>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>llama.cpp CPU, CUDA and the reference</title>"
+        f"<style>{STYLE}</style></head><body><h1>llama.cpp CPU, CUDA and the reference</h1><ul>"
         + "".join(f"<li><b>{k}</b>: {v}</li>" for k, v in provenance.items())
-        + f"</ul>{table.to_html(index=False, float_format=lambda v: f'{v:.6g}')}</body></html>")
+        + f"</ul><p>{COLUMNS_NOTE}</p>{table.to_html(index=False, na_rep='', float_format=lambda v: f'{v:.6g}')}"
+        + "</body></html>")
