@@ -78,3 +78,25 @@ def test_q4_k_parts_reassemble_the_weight_within_fp16_rounding(default):
     rebuilt = (w1.view(w.shape[0], -1, 32) - m.unsqueeze(-1)).reshape(w.shape)
     assert not torch.equal(rebuilt, w)  # MMQ's fp16 products are not the file's fp32 scales
     assert float((rebuilt - w).abs().max()) <= 2**-10 * float(w.abs().max())
+
+
+def test_a_block_sum_near_an_fp16_tie_may_round_either_way():
+    """The other fp16 rounding is admitted only where another fp32 summation order could reach the tie."""
+    from fp8parity.engines.ggml_twin import fp16_sums
+
+    x = torch.full((2, 32), 0.5)
+    x[0, 0] += 1024.5 + 2**-10 - 16.0  # the first block sums to 1024.5 + 2^-10: one fp32 ulp from an fp16 tie
+    x[1, 0] += 3.3  # an ordinary sum
+    h, step = fp16_sums(x)
+    assert h[0, 0] == 1024.0 + 1.0 or h[0, 0] == 1024.0  # fp16's spacing at 1024 is 1
+    assert step[0, 0].abs() == 1.0 and step[1, 0] == 0
+
+
+def test_ties_admitted_in_the_h200_traces_are_few(reference):
+    for path in ("prefill", "decode"):
+        taps, meta = load_trace(DATA / f"h200_llama_cuda_{path}")
+        spec = twin.TwinSpec("ggml-cuda")
+        tw = twin.make_twin(spec, gguf=reference.gguf)
+        replay.Replayer(reference, tw, spec.gemm_class, floors=replay.floors_for(spec, path)).replay(
+            taps, path, meta["prompt_ids"], layers=[0])
+        assert tw.admitted <= 3  # of ~1,400 block sums and ~40,000 activations rounded in layer 0

@@ -106,10 +106,11 @@ def compare(model: str, prompts: list[str], devices=("cpu", "cuda"), paths=("pre
     return pd.DataFrame(rows)
 
 
-COLUMNS_NOTE = ("Logits are the last prompt position's. B_prefill_* and B_decode_*: stage B's local check of that path's trace against the "
-                "device's own twin (ggml-q8 on the CPU, ggml-cuda on CUDA): the worst op and its multiple of the noise "
-                "floor, how many ops are beyond 4x their floor, the first of them, and the activations the CUDA twin "
-                "rounded the other way at a fast-math tie. cuda_vs_cpu_*: the CUDA path's logits against the CPU path's.")
+COLUMNS_NOTE = ("Logits are the last prompt position's. B_prefill_* and B_decode_*: stage B's local check of that "
+                "path's trace against the device's own twin (ggml-q8 on the CPU, ggml-cuda on CUDA): the worst op and "
+                "its multiple of the noise floor, how many ops are beyond 4x their floor, the first of them, and the "
+                "values the CUDA twin rounded the other way at a fast-math or summation-order tie. cuda_vs_cpu_*: the "
+                "CUDA path's logits against the CPU path's.")
 STYLE = ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px} "
          "td,th{border:1px solid #bbb;padding:3px 6px;vertical-align:top} th{background:#eee}")
 

@@ -162,6 +162,22 @@ def q4_k_mmq_parts(raw: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tenso
     return w1, m.reshape(rows, cols // 32)
 
 
+def fp16_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each 32-value block's sum as the kernels store it (fp16), and the step to its other fp16 rounding where the
+    fp32 sum lies within the reach of another summation order of a tie (32 · 2^-24 · Σ|x|), 0 elsewhere: ggml-cuda
+    sums by warp shuffles, and one such block on the H200 rounded the other way (an 8.6e-5 row error, 1.3e-7 after)."""
+    b = _blocks32(x)
+    s32 = b.sum(-1)
+    s16 = s32.half()
+    up = torch.nextafter(s16, torch.full_like(s16, math.inf)).float()
+    down = torch.nextafter(s16, torch.full_like(s16, -math.inf)).float()
+    h = s16.float()
+    other = torch.where(s32 >= h, up, down)  # the neighbour on s32's side of h
+    reach = 32 * 2.0**-24 * b.abs().sum(-1)
+    near = ((s32 - (h + other) / 2).abs() <= reach) & torch.isfinite(other)
+    return h, torch.where(near, other - h, torch.zeros_like(h))
+
+
 def block_scales(raw: torch.Tensor, rows: int, cols: int, qtype: str) -> torch.Tensor:
     """The fp16 scale d of each 32-value block of a Q4_0 / Q5_0 weight, (rows, cols/32)."""
     b = raw.reshape(-1, BLOCK_BYTES[qtype])
@@ -173,8 +189,9 @@ class GGMLCUDATwin(LinearBackend):
     sub-block scales in fp16 as MMQ forms them, a Q4_0 / Q5_0 offset through MMVQ's block sums, then an exact (fp64)
     product rounded to fp32, the bias added in fp32.
 
-    Fast-math division can put an activation one step the other side of a rounding tie; `linear_near` admits, value
-    by value, the rounding nearer the candidate's output at those ties only, and counts them (`admitted`)."""
+    Fast-math division can put an activation one step the other side of a rounding tie, and another summation order a
+    block sum on the other side of its fp16 rounding; `linear_near` admits, value by value, the rounding nearer the
+    candidate's output at those ties only, and counts them (`admitted`)."""
 
     name = "ggml-cuda twin"
     rope_tables = staticmethod(ggml_rope_tables)
@@ -199,19 +216,22 @@ class GGMLCUDATwin(LinearBackend):
         kernel = "mmvq" if (self.batch_rows or x.shape[0]) <= MMVQ_MAX_BATCH else "mmq"
         q, d, other = q8_1(x, kernel, scale_fp16=kernel == "mmvq" or qtype in MMQ_DS4)
         xq = (q * d).reshape(x.shape).to(p)
-        sums = _blocks32(x).sum(-1).half().to(p)  # the block sums stored beside d, in fp16
+        sums, sum_step = fp16_sums(x)  # the block sums stored beside d, in fp16
+        sums, sum_w = sums.to(p), None
         if kernel == "mmq" and qtype == "Q4_K":
             w1, m = q4_k_mmq_parts(self._raw(key), *w.shape)
-            w = w1.to(p)  # one step of an activation moves the output by d times this weight's column
-            y = xq @ w.t() - sums @ m.to(p).t()
+            w, sum_w = w1.to(p), -m.to(p)  # a step of an activation moves the output along w, of a block sum along sum_w
+            y = xq @ w.t() + sums @ sum_w.t()
         elif kernel == "mmvq" and qtype in MMVQ_SUM_OFFSET:
             off, dw = MMVQ_SUM_OFFSET[qtype], block_scales(self._raw(key), *w.shape, qtype).to(p)
             w = w.to(p) + off * dw.repeat_interleave(32, dim=1)  # the stored (unsigned) values times d
-            y = xq @ w.t() - off * (sums @ dw.t())
+            sum_w = -off * dw
+            y = xq @ w.t() + sums @ sum_w.t()
         else:
             w = w.to(p)
             y = xq @ w.t()
-        return y, ((other * d).reshape(x.shape), w)  # an activation's other rounding at a tie, and what it multiplies
+        steps = [((other * d).reshape(x.shape), w)]  # an activation's other rounding at a tie, and what it multiplies
+        return y, steps + ([(sum_step.to(p), sum_w)] if sum_w is not None else [])
 
     def linear(self, x, w, b, key):
         y, _ = self._parts(x, w, key)
@@ -219,17 +239,26 @@ class GGMLCUDATwin(LinearBackend):
         return y if b is None else y + b.float()
 
     def linear_near(self, x, w, b, key, target: torch.Tensor) -> torch.Tensor:
-        """As `linear`, with each tied activation rounded the way that brings its row nearer `target`."""
+        """As `linear`, with each tied activation (and tied block sum) rounded the way that brings its row nearer
+        `target`."""
         y, ties = self._parts(x, w, key)
-        if ties is not None:
-            y = self._admit(y, target.to(y.dtype) - (0 if b is None else b.to(y.dtype)), *ties)
+        if ties:
+            y = self._admit(y, target.to(y.dtype) - (0 if b is None else b.to(y.dtype)), ties)
         y = y.float()
         return y if b is None else y + b.float()
 
-    def _admit(self, y, target, step, w):
-        for t, k in step.nonzero().tolist():
-            moved = y[t] + float(step[t, k]) * w[:, k]
-            if (moved - target[t]).norm() < (y[t] - target[t]).norm():
-                y[t] = moved
+    def _admit(self, y, target, ties):
+        """Per row, best first: the tied rounding that brings the row nearest `target`, again, while one helps."""
+        moves: dict[int, list[torch.Tensor]] = {}
+        for step, along in ties:
+            for t, k in step.nonzero().tolist():
+                moves.setdefault(t, []).append(float(step[t, k]) * along[:, k])
+        for t, options in moves.items():
+            while options:
+                gaps = [(y[t] + m - target[t]).norm() for m in options]
+                best = min(range(len(options)), key=gaps.__getitem__)
+                if gaps[best] >= (y[t] - target[t]).norm():
+                    break
+                y[t] = y[t] + options.pop(best)
                 self.admitted += 1
         return y
