@@ -83,10 +83,7 @@ class Session:
     """One model and context: `decode` runs a batch of tokens and returns their logits, reading the taps asked for."""
 
     def __init__(self, model_path: str, threads: int | None, device: str, n_ctx: int, repack: bool):
-        self.L, self.ggml = L, ggml = import_llama_cpp()
-        if device == "cuda" and not L.llama_supports_gpu_offload():
-            raise WorkbookError("LLAMA_DEVICE=cuda needs llama-cpp-python built with CUDA, and the one installed was "
-                                "built for the CPU; run `make engines CUDA=1` on a machine with the CUDA toolkit.")
+        self.L, self.ggml = L, ggml = import_llama_cpp()  # the client checked the build can run on `device`
         ggml.ggml_get_name.restype, ggml.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
         ggml.ggml_nbytes.restype, ggml.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
         ggml.ggml_is_contiguous.restype, ggml.ggml_is_contiguous.argtypes = ctypes.c_bool, [ctypes.c_void_p]
