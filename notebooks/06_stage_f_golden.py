@@ -21,8 +21,8 @@
 # **Falsifier.** Each chat prompt generated greedily `RUNS` consecutive times on the candidate, with stop tokens read
 # from the GGUF (its eos id, plus `<|im_end|>` / `<|endoftext|>` where the vocabulary has them — never a hard-coded
 # id). Golden output = the reference's generation. **Pass:** every run equals the golden output, or leaves it only at a
-# near-tie: where the reference's own margin between its token and the candidate's is within 3 σ of what the
-# candidate's logit noise (measured at that very step) does to a margin. The real cause of
+# near-tie: where both sides' top two tokens are the same two, swapped, and the reference's margin between them is
+# within 3 σ of what the candidate's logit noise (measured at that very step) does to a margin. The real cause of
 # the investigation's gibberish was generation *without* stop tokens: the cell after the verdict shows what that does.
 
 # %% tags=["parameters"]
@@ -60,7 +60,8 @@ display(Markdown(wb.provenance_markdown()))
 result = stages.measure_f(wb, runs=RUNS, max_new_tokens=MAX_NEW_TOKENS)
 display(Markdown(f"**{int(result.runs.matches_golden.sum())} of {len(result.runs)}** runs reproduce the golden output; "
                  f"stop tokens {result.stop_ids} ({'used' if result.stop_tokens_used else 'NOT used'})."))
-result.runs[["prompt", "run", "output", "stop_reason", "matches_golden", "diverged_at", "ref_margin", "logit_noise"]]
+result.runs[["prompt", "run", "output", "stop_reason", "matches_golden", "diverged_at", "ref_margin", "logit_noise",
+              "top_two_swapped"]]
 
 # %% [markdown]
 # ## The rule

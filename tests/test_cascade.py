@@ -134,12 +134,12 @@ def test_stage_f_forgives_a_near_tie_and_nothing_else():
     base = {"prompt": "p", "golden": "g", "stop_reason": "stop_token 1", "golden_stop_reason": "stop_token 1",
             "tokens": 5, "im_start_count": 0}
     match = base | {"run": 1, "output": "g", "matches_golden": True, "diverged_at": -1, "divergence": "",
-                    "ref_margin": math.nan, "logit_noise": math.nan}
+                    "ref_margin": math.nan, "logit_noise": math.nan, "top_two_swapped": False}
     tie = base | {"run": 2, "output": "t", "matches_golden": False, "diverged_at": 3, "divergence": "token",
-                  "ref_margin": 0.021, "logit_noise": 0.05}
+                  "ref_margin": 0.021, "logit_noise": 0.05, "top_two_swapped": True}
     clear = tie | {"run": 3, "output": "c", "ref_margin": 5.0}
     length = base | {"run": 4, "output": "g and more", "matches_golden": False, "diverged_at": 5, "divergence": "length",
-                     "ref_margin": math.nan, "logit_noise": math.nan}
+                     "ref_margin": math.nan, "logit_noise": math.nan, "top_two_swapped": False}
 
     def judge(*rows):
         return stages.judge_f(GoldenResult(pd.DataFrame(rows), [1], True, {}), stages.GoldenRule())
@@ -149,3 +149,13 @@ def test_stage_f_forgives_a_near_tie_and_nothing_else():
     assert judge(match, tie, clear).status == stages.FAIL
     assert judge(match, length).status == stages.FAIL
     assert judge(match, tie | {"logit_noise": 0.001}).status == stages.FAIL  # the same margin on a quiet candidate
+    assert judge(match, tie | {"top_two_swapped": False}).status == stages.FAIL  # not the runner-up: not a tie
+
+
+def test_stage_f_does_not_excuse_a_broken_candidates_divergence(default_path, tmp_path):
+    """Attention scaled by 1/d leaves the golden output at the first token with margins of 11-17 logits, inside 3 σ of
+    its own (large) logit noise: only a swap of the two sides' top two tokens is a tie, so it still fails."""
+    wb = Workbench(RunConfig(model=str(default_path), backend="emulated-fp8", fault="attention-scale-1/d",
+                             prompts=("Write a Python function that reverses a string.",), max_prompts=1), tmp_path)
+    v = stages.judge_f(stages.measure_f(wb, runs=1, max_new_tokens=4), stages.GoldenRule())
+    assert v.status == stages.FAIL and v.runs_near_tie == 0
