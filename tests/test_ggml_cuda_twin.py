@@ -20,10 +20,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def replay_table(model, taps, meta, arithmetic="ggml-cuda"):
-    spec = twin.TwinSpec(arithmetic)
-    tw = twin.make_twin(spec, gguf=model.gguf)
-    rp = replay.Replayer(model, tw, spec.gemm_class, floors=replay.floors_for(spec, meta["path"]))
-    return replay.local_table(rp.replay(taps, meta["path"], meta["prompt_ids"], layers=[0]))
+    return replay.local_check(model, taps, meta["path"], meta["prompt_ids"], twin.TwinSpec(arithmetic), layers=[0])[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +92,5 @@ def test_a_block_sum_near_an_fp16_tie_may_round_either_way():
 def test_ties_admitted_in_the_h200_traces_are_few(reference):
     for path in ("prefill", "decode"):
         taps, meta = load_trace(DATA / f"h200_llama_cuda_{path}")
-        spec = twin.TwinSpec("ggml-cuda")
-        tw = twin.make_twin(spec, gguf=reference.gguf)
-        replay.Replayer(reference, tw, spec.gemm_class, floors=replay.floors_for(spec, path)).replay(
-            taps, path, meta["prompt_ids"], layers=[0])
+        _, tw = replay.local_check(reference, taps, path, meta["prompt_ids"], twin.TwinSpec("ggml-cuda"), layers=[0])
         assert tw.admitted <= 3  # of ~1,400 block sums and ~40,000 activations rounded in layer 0

@@ -161,7 +161,7 @@ class Replayer:
             _, kind, has_bias = GEMM_OPS[op]
             b = m.small(tensor_name(kind, layer, "bias")) if has_bias else None
             w, key = m._w(tensor_name(kind, layer)), f"{layer}.{op}"
-        if cand is not None and hasattr(self.twin, "linear_near"):
+        if cand is not None:
             return self.twin.linear_near(x, w, b, key, cand)
         return self.twin.linear(x, w, b, key)
 
@@ -183,7 +183,8 @@ class Replayer:
             return None if x is None else rms_norm(x, m.small(w).to(dt), cfg.rms_eps)
         if op in GEMM_OPS or op == LOGITS:
             x = _rows(tr, FINAL_NORM if op == LOGITS else GEMM_OPS[op][0], layer, ps)
-            return None if x is None else self._gemm(op, layer, x, _rows(tr, op, layer, ps))
+            cand = _rows(tr, op, layer, ps) if hasattr(self.twin, "linear_near") else None
+            return None if x is None else self._gemm(op, layer, x, cand)
         if op in ("q_post_rope", "k_post_rope"):
             x = _rows(tr, op[0] + "_proj", layer, ps)
             if x is None:
@@ -240,6 +241,17 @@ class Replayer:
             return df
         df["times_floor"] = df.rel_l2 / df.floor
         return df
+
+
+def local_check(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str, prompt_ids: list[int] | None,
+                spec, input_scales: dict[str, float] | None = None, layers: list[int] | None = None):
+    """A trace replayed through `spec`'s twin and judged by the floors for that twin and path: (local table, the twin
+    backend, which counts what it admitted)."""
+    from fp8parity import twin
+
+    backend = twin.make_twin(spec, input_scales, model.gguf)
+    rp = Replayer(model, backend, spec.gemm_class, floors_for(spec, path))
+    return local_table(rp.replay(trace, path, prompt_ids, layers=layers)), backend
 
 
 def local_table(rows: pd.DataFrame, factor: float = ALARM_FACTOR) -> pd.DataFrame:

@@ -57,10 +57,7 @@ def run_device(model: str, device: str, ids: list[int], paths) -> DeviceRun:
 
 def stage_b(reference: Qwen2Model, taps: dict, path: str, ids: list[int], arithmetic: str) -> dict:
     """Every op of one trace replayed through the device's twin: the worst op and the first beyond its floor."""
-    spec = twin.TwinSpec(arithmetic)
-    tw = twin.make_twin(spec, gguf=reference.gguf)
-    rp = replay.Replayer(reference, tw, spec.gemm_class, floors=replay.floors_for(spec, path))
-    table = replay.local_table(rp.replay(taps, path, ids))
+    table, tw = replay.local_check(reference, taps, path, ids, twin.TwinSpec(arithmetic))
     worst, first = replay.worst_row(table), replay.first_beyond(table)
     return {"twin": arithmetic, "worst_op": f"L{int(worst.layer)} {worst.op}", "worst_times_floor": float(worst.times_floor),
             "beyond": int(table[table.status == "measured"].beyond.sum()),

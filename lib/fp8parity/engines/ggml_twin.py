@@ -190,8 +190,8 @@ class GGMLCUDATwin(LinearBackend):
     product rounded to fp32, the bias added in fp32.
 
     Fast-math division can put an activation one step the other side of a rounding tie, and another summation order a
-    block sum on the other side of its fp16 rounding; `linear_near` admits, value by value, the rounding nearer the
-    candidate's output at those ties only, and counts them (`admitted`)."""
+    block sum on the other side of its fp16 rounding; `linear_near` admits, at those ties only and best first per row,
+    the rounding nearer the candidate's output, and counts them (`admitted`)."""
 
     name = "ggml-cuda twin"
     rope_tables = staticmethod(ggml_rope_tables)
@@ -201,7 +201,7 @@ class GGMLCUDATwin(LinearBackend):
         self.gguf, self.types, self.tensors = gguf, weight_types(gguf), gemm_tensors(gguf)
         self.precision = precision  # float64: the exact product; float32: a correct fp32 evaluation (its noise floor)
         self.batch_rows: int | None = None  # rows of the candidate's batch (the replayer sets it): MMVQ or MMQ
-        self.admitted = 0  # activations rounded the other way at a tie, over the whole replay
+        self.admitted = 0  # activations and block sums rounded the other way at a tie, over the whole replay
 
     def _raw(self, key: str) -> torch.Tensor:
         """The weight's quantized blocks as the file stores them (uint8)."""
@@ -216,22 +216,22 @@ class GGMLCUDATwin(LinearBackend):
         kernel = "mmvq" if (self.batch_rows or x.shape[0]) <= MMVQ_MAX_BATCH else "mmq"
         q, d, other = q8_1(x, kernel, scale_fp16=kernel == "mmvq" or qtype in MMQ_DS4)
         xq = (q * d).reshape(x.shape).to(p)
-        sums, sum_step = fp16_sums(x)  # the block sums stored beside d, in fp16
-        sums, sum_w = sums.to(p), None
+        sum_w = None  # what a block sum (stored beside d, in fp16) multiplies, for the kernels that use one
         if kernel == "mmq" and qtype == "Q4_K":
             w1, m = q4_k_mmq_parts(self._raw(key), *w.shape)
             w, sum_w = w1.to(p), -m.to(p)  # a step of an activation moves the output along w, of a block sum along sum_w
-            y = xq @ w.t() + sums @ sum_w.t()
         elif kernel == "mmvq" and qtype in MMVQ_SUM_OFFSET:
             off, dw = MMVQ_SUM_OFFSET[qtype], block_scales(self._raw(key), *w.shape, qtype).to(p)
-            w = w.to(p) + off * dw.repeat_interleave(32, dim=1)  # the stored (unsigned) values times d
-            sum_w = -off * dw
-            y = xq @ w.t() + sums @ sum_w.t()
+            w, sum_w = w.to(p) + off * dw.repeat_interleave(32, dim=1), -off * dw  # the stored (unsigned) values × d
         else:
             w = w.to(p)
-            y = xq @ w.t()
+        y = xq @ w.t()
         steps = [((other * d).reshape(x.shape), w)]  # an activation's other rounding at a tie, and what it multiplies
-        return y, steps + ([(sum_step.to(p), sum_w)] if sum_w is not None else [])
+        if sum_w is not None:
+            sums, sum_step = fp16_sums(x)
+            y = y + sums.to(p) @ sum_w.t()
+            steps.append((sum_step.to(p), sum_w))
+        return y, steps
 
     def linear(self, x, w, b, key):
         y, _ = self._parts(x, w, key)

@@ -39,8 +39,7 @@ def measure_b_trace(wb: Workbench, folder: str | Path) -> TraceParityResult:
         raise WorkbookError(f"trace {folder} holds no GEMM of layers {replay.FINGERPRINT_LAYERS} with its input, so "
                             f"no recipe can be fingerprinted; name the twin in its meta.json ('twin').")
     spec = twin.TwinSpec(**meta["twin"]) if meta.get("twin") else twin.TwinSpec(**fp.iloc[0].spec)
-    rp = replay.Replayer(wb.reference, twin.make_twin(spec, scales, wb.gguf), spec.gemm_class, replay.floors_for(spec, path))
-    local = replay.local_table(rp.replay(tensors, path, ids))
+    local, _ = replay.local_check(wb.reference, tensors, path, ids, spec, scales)
     local.insert(0, "path", path)
     local.insert(0, "prompt", 0)
     return TraceParityResult(str(folder), path, spec, "meta.json" if meta.get("twin") else "fingerprint", local, fp)
