@@ -41,11 +41,13 @@ def test_the_h200_trace_replays_within_its_floors(reference, path):
         assert measured.set_index("op").loc["attention", "rel_l2"] > replay.FLOORS["attention"].rel_l2
 
 
-def test_a_two_percent_fault_in_the_h200_trace_is_pinned(reference):
-    taps, meta = load_trace(DATA / "h200_llama_cuda_prefill")
-    taps[(3, 0, "ffn_up")] = taps[(3, 0, "ffn_up")] * 1.02
+@pytest.mark.parametrize("path,op,position,factor", [("prefill", "ffn_up", 3, 1.02), ("decode", "v_proj", 4, 1.02),
+                                                      ("decode", "k_post_rope", 2, 1.001)])
+def test_a_small_fault_in_the_h200_trace_is_pinned(reference, path, op, position, factor):
+    taps, meta = load_trace(DATA / f"h200_llama_cuda_{path}")
+    taps[(position, 0, op)] = taps[(position, 0, op)] * factor
     first = replay.first_beyond(replay_table(reference, taps, meta))
-    assert (first["layer"], first["op"], first["position"]) == (0, "ffn_up", 3)
+    assert (first["layer"], first["op"], first["position"]) == (0, op, position)
 
 
 def test_the_cpu_twin_cannot_explain_the_cuda_gemms(reference):
