@@ -22,12 +22,12 @@ import torch
 from fp8parity.backends import make_backend
 from fp8parity.errors import WorkbookError
 from fp8parity.gguf_file import GGUFModel
-from fp8parity.qwen2 import KVCache, Qwen2Model
+from fp8parity.qwen2 import Qwen2Model
 from fp8parity.trace import machine, versions
 from fp8parity.workbench import calibrate
 
-CANDIDATES = ("bf16", "te:current", "te:current:per-call", "te:block", "te:delayed-calibrated", "torch-fp8:current",
-              "torch-fp8:rowwise")
+CANDIDATES = ("bf16", "bf16::eager", "te:current", "te:current:eager", "te:current:per-call", "te:block",
+              "te:delayed-calibrated", "torch-fp8:current", "torch-fp8:rowwise")
 PREFILL_TOKENS = (36, 128, 2048)
 DECODE_TOKENS = 16  # decode steps timed after a 36-token prompt
 SHAPES = {"0.5b": dict(n_layers=24, hidden=896, n_heads=14, n_kv_heads=2, ffn=4864),
@@ -50,6 +50,7 @@ def synthetic(name: str, folder: Path) -> Path:
 
 def wall_ms(fn, repeats: int) -> float:
     fn()  # warm-up: weights to the GPU, modules built, FP8 weights quantized
+    fn()  # the shape seen again: captured as a CUDA graph (where the candidate runs graphs), replayed from here on
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -60,20 +61,22 @@ def wall_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cuda_ms(fn) -> float:
-    """Device time of one call, summed over every kernel the profiler saw."""
+def cuda_ms(fn, top: int = 0) -> float:
+    """Device time of one call, summed over every kernel the profiler saw; `top`: print the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    if top:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top), flush=True)
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
 
 def decode_ms(model: Qwen2Model, prompt: list[int], steps: int, profile: bool = False) -> float:
     """Median wall time of one decode step (one token through the KV cache after the prompt's prefill); with
     `profile`, the device time of one step instead."""
-    cache = KVCache()
+    cache = model.new_cache(len(prompt) + steps)  # static on the GPU: the decode step replays as a CUDA graph
     model.forward(prompt, cache=cache, logits_for="last")
     times = []
     for i in range(steps):
@@ -88,14 +91,14 @@ def decode_ms(model: Qwen2Model, prompt: list[int], steps: int, profile: bool = 
     return statistics.median(times)
 
 
-def measure(model: Qwen2Model, vocab: int, repeats: int, prefill_tokens=PREFILL_TOKENS) -> dict:
+def measure(model: Qwen2Model, vocab: int, repeats: int, prefill_tokens=PREFILL_TOKENS, top: int = 0) -> dict:
     gen = torch.Generator().manual_seed(0)
     out = {}
     for n in prefill_tokens:
         ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
         run = lambda ids=ids: model.prefill(ids, logits_for="last")  # noqa: E731
         out[f"prefill_{n}_ms"] = wall_ms(run, repeats)
-        out[f"prefill_{n}_cuda_ms"] = cuda_ms(run)
+        out[f"prefill_{n}_cuda_ms"] = cuda_ms(run, top if n == max(prefill_tokens) else 0)
         out[f"prefill_{n}_wall_over_cuda"] = out[f"prefill_{n}_ms"] / out[f"prefill_{n}_cuda_ms"]
     prompt = torch.randint(0, vocab, (36,), generator=gen).tolist()
     decode_ms(model, prompt, 2)  # warm-up
@@ -105,15 +108,18 @@ def measure(model: Qwen2Model, vocab: int, repeats: int, prefill_tokens=PREFILL_
     return out
 
 
-def backend_for(candidate: str):
-    """backend[:recipe][:per-call]: per-call is the te path as it was (weights re-quantized and autocast entered on
-    every linear call), kept for the side-by-side ratio."""
-    name, recipe, per_call = (candidate.split(":") + ["", ""])[:3]
+def build(g: GGUFModel, candidate: str, weights) -> Qwen2Model:
+    """backend[:recipe][:per-call|eager]. per-call: the te path as it was (weights re-quantized and autocast entered
+    on every linear call); eager: no CUDA graphs (every forward launched op by op). Both kept for the side-by-side."""
+    name, recipe, mode = (candidate.split(":") + ["", ""])[:3]
     if name == "te":
         from fp8parity.backends.gpu import TEBackend
 
-        return TEBackend(recipe or "current", cache_weights=not per_call, one_autocast=not per_call)
-    return make_backend(name, recipe or "current")
+        per_call = mode == "per-call"
+        backend = TEBackend(recipe or "current", cache_weights=not per_call, one_autocast=not per_call)
+    else:
+        backend = make_backend(name, recipe or "current")
+    return Qwen2Model(g, backend=backend, weights=weights, cuda_graphs=mode != "eager")  # weights dequantized once
 
 
 def main() -> int:
@@ -124,6 +130,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cache", default="data/cache", help="where synthetic models are written")
     ap.add_argument("--out", default="")
+    ap.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels of the longest prefill")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("error: gpu_speed needs a CUDA GPU; run it on the GPU host.", file=sys.stderr)
@@ -134,12 +141,12 @@ def main() -> int:
         g, weights = GGUFModel(path), None
         for cand in a.candidates.split(","):
             try:
-                model = Qwen2Model(g, backend=backend_for(cand), weights=weights)  # weights dequantized once
+                model = build(g, cand, weights)
                 weights = model.weights
                 model.backend.collect_stats = False
                 calibrate(model, list(range(100, 136)))  # delayed-calibrated: scales from one prompt; others: nothing
                 row = {"model": path.name, "shapes": f"{g.config.n_layers}x{g.config.hidden}", "candidate": cand}
-                rows.append(row | measure(model, g.config.vocab, a.repeats))
+                rows.append(row | measure(model, g.config.vocab, a.repeats, top=a.top_kernels))
             except WorkbookError as exc:
                 rows.append({"model": path.name, "candidate": cand, "error": str(exc)})
             print(json.dumps(rows[-1]), flush=True)

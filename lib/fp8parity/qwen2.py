@@ -159,7 +159,7 @@ def perturb_output(x: torch.Tensor, kind: str, magnitude: float, head_dim: int) 
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values (n_kv_heads, T, head_dim) after RoPE."""
+    """Per-layer keys/values (n_kv_heads, T, head_dim) after RoPE, grown by concatenation (the CPU path)."""
 
     k: list[torch.Tensor | None] = field(default_factory=list)
     v: list[torch.Tensor | None] = field(default_factory=list)
@@ -167,6 +167,53 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if not self.k or self.k[0] is None else self.k[0].shape[1]
+
+    def reserve(self, n_layers: int, tokens: int) -> None:
+        if not self.k:
+            self.k, self.v = [None] * n_layers, [None] * n_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start) -> tuple:
+        """Store this forward's keys/values (KV, T, hd) and return the keys/values its attention reads."""
+        if self.k[layer] is not None:
+            k, v = torch.cat((self.k[layer], k), 1), torch.cat((self.v[layer], v), 1)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, tokens: int) -> None:
+        """The forward is done (the length follows the tensors here)."""
+
+
+class StaticKVCache:
+    """Keys/values preallocated for `capacity` positions (the GPU path): fixed addresses, so a forward over it can be
+    captured once as a CUDA graph and replayed (fp8parity.cuda_graphs). A decode step (one token) attends over the
+    whole capacity with the slots past its position masked, the same in eager and in a graph; a prefill attends over
+    the positions written so far, as the growing cache does."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, device, dtype: torch.dtype):
+        shape = (cfg.n_kv_heads, capacity, cfg.head_dim)
+        # zeros, not empty: a masked slot enters the softmax as exp(-inf) = 0 times its value, and 0 * NaN is NaN
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.capacity, self.length = capacity, 0
+
+    def reserve(self, n_layers: int, tokens: int) -> None:
+        if self.length + tokens > self.capacity:
+            raise WorkbookError(f"the K/V cache holds {self.capacity} positions and this forward would need "
+                                f"{self.length + tokens}; make the cache with a larger capacity.")
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start) -> tuple:
+        self.k[layer].index_copy_(1, pos, k)
+        self.v[layer].index_copy_(1, pos, v)
+        if k.shape[1] == 1:  # a decode step: the whole capacity (its position may be a graph's device tensor)
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, : start + k.shape[1]], self.v[layer][:, : start + k.shape[1]]
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+    def reset(self) -> StaticKVCache:
+        self.length = 0
+        return self
 
 
 @dataclass
@@ -187,8 +234,9 @@ class Qwen2Model:
 
     def __init__(self, gguf: GGUFModel, backend=None, dtype: torch.dtype = torch.float32,
                  options: ForwardOptions | None = None, keep_weights: bool | None = None,
-                 weights: WeightStore | None = None):
+                 weights: WeightStore | None = None, cuda_graphs: bool = True):
         from fp8parity.backends import ReferenceBackend
+        from fp8parity.cuda_graphs import CudaGraphs
 
         self.gguf = gguf
         self.cfg: ModelConfig = gguf.config
@@ -201,6 +249,8 @@ class Qwen2Model:
         share = weights is not None and weights.dtype == dtype
         self.weights = weights if share else WeightStore(gguf, dtype, keep_weights)
         self._small: dict[str, torch.Tensor] = {}  # norms and biases on the model's device
+        # on the GPU: static K/V caches, and untapped forwards of a repeated shape replayed as CUDA graphs
+        self.graphs = CudaGraphs(self) if self.device.type == "cuda" and cuda_graphs else None
 
     def _fp32_weight_bytes(self) -> int:
         return sum(int(t.n_elements) * 4 for t in self.gguf.tensors.values())
@@ -210,6 +260,7 @@ class Qwen2Model:
             "model": self.cfg.name, "file": str(self.gguf.path), "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device), "backend": self.backend.describe(), "options": self.options.__dict__,
             "weights": "kept" if self.weights.keep else "streamed",
+            "cuda_graphs": self.graphs.describe() if self.graphs is not None else None,
         }
 
     # --- pieces -----------------------------------------------------------------------------------
@@ -259,21 +310,32 @@ class Qwen2Model:
         """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab).
 
         `path` names the engine path this call belongs to (prefill, or a decode step): faults may be tied to one."""
+        if recorder is None and self.graphs is not None:
+            logits = self.graphs.forward(ids, cache, logits_for, path)
+            if logits is not None:
+                return logits
         with self.backend.forward_context():  # Transformer Engine's autocast, entered once per forward
             return self._forward(ids, cache, recorder, logits_for, path)
 
-    def _forward(self, ids: list[int], cache: KVCache | None, recorder: Recorder | None, logits_for: str | slice,
-                 path: str) -> torch.Tensor:
-        cfg, rec, opts = self.cfg, recorder, self.options
+    def _forward(self, ids: list[int], cache: KVCache | StaticKVCache | None, recorder: Recorder | None,
+                 logits_for: str | slice, path: str) -> torch.Tensor:
         if cache is None:
             cache = KVCache()
-        if not cache.k:
-            cache.k, cache.v = [None] * cfg.n_layers, [None] * cfg.n_layers
-        start = cache.length
+        cache.reserve(self.cfg.n_layers, len(ids))
         if hasattr(self.backend, "reset"):
             self.backend.reset()  # per-forward backend state (the stale-cache fault's cache lives for one forward)
-        positions = list(range(start, start + len(ids)))
-        T, H, KV, hd = len(ids), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        logits = self.body(self.embed(ids), cache.length, cache, recorder, logits_for, path)
+        cache.advance(len(ids))
+        return logits
+
+    def body(self, x: torch.Tensor, start: int | torch.Tensor, cache: KVCache | StaticKVCache,
+             recorder: Recorder | None, logits_for: str | slice, path: str) -> torch.Tensor:
+        """Everything after the embedding lookup, for embedded tokens `x` (T, hidden) at positions start... Only
+        device work: `start` may be a device tensor (a decode step captured as a CUDA graph), when no recorder is on."""
+        cfg, rec, opts = self.cfg, recorder, self.options
+        T, H, KV, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pos = torch.arange(T, device=self.device) + start  # the positions, on the device
+        positions = list(range(start, start + T)) if rec is not None else None
 
         perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
 
@@ -285,12 +347,8 @@ class Qwen2Model:
                 rec.record(op, layer, x, positions)
             return x
 
-        x = tap(EMBEDDING, GLOBAL_LAYER, self.embed(ids))  # (T, hidden)
-        cos, sin = rope_tables(torch.tensor(positions, device=self.device), hd, self.rope_theta, self.dtype, self.device)
-        if opts.rope_wrong_from is not None:
-            bad = torch.tensor(positions, device=self.device) >= opts.rope_wrong_from
-            cos_b, sin_b = rope_tables(torch.tensor(positions, device=self.device), hd, 1e4, self.dtype, self.device)
-            cos, sin = torch.where(bad[:, None], cos_b, cos), torch.where(bad[:, None], sin_b, sin)
+        x = tap(EMBEDDING, GLOBAL_LAYER, x)  # (T, hidden)
+        cos, sin = self._rope(pos)
         for L in range(cfg.n_layers):
             h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps))
             q = tap("q_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_Q, L, "q_proj", bias=True))  # (T, H*hd)
@@ -299,9 +357,7 @@ class Qwen2Model:
             q = tap("q_post_rope", L, apply_rope(q.view(T, H, hd), cos, sin))
             k = tap("k_post_rope", L, apply_rope(k.view(T, KV, hd), cos, sin))
             kt, vt = k.view(T, KV, hd).transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)  # (KV, T, hd)
-            if cache.k[L] is not None:
-                kt, vt = torch.cat((cache.k[L], kt), 1), torch.cat((cache.v[L], vt), 1)
-            cache.k[L], cache.v[L] = kt, vt
+            kt, vt = cache.append(L, kt, vt, pos, start)
             if opts.kv_shift_decode and path == "decode" and kt.shape[1] > 1:  # slot j reads position j-1
                 kt, vt = torch.cat((kt[:, :1], kt[:, :-1]), 1), torch.cat((vt[:, :1], vt[:, :-1]), 1)
             attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start)  # (H, T, hd)
@@ -314,14 +370,23 @@ class Qwen2Model:
             s = tap("ffn_swiglu", L, torch.nn.functional.silu(g) * u)
             d = tap("ffn_out", L, self._block_linear(s, MODEL_TENSOR.FFN_DOWN, L, "ffn_out"))
             x = tap("post_ffn_residual", L, x + d)
-        if logits_for == "last":
-            x, positions = x[-1:], positions[-1:]
-        elif isinstance(logits_for, slice):  # logits of some rows only (a scored half of a window)
-            x, positions = x[logits_for], positions[logits_for]
+        rows = slice(-1, None) if logits_for == "last" else logits_for  # a slice: some rows only (half a window)
+        if isinstance(rows, slice):
+            x, positions = x[rows], (positions[rows] if positions is not None else None)
         h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small(OUTPUT_NORM), self.rms_eps))
         head = TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT
         w = None if self.backend.holds("lm_head") else self._w(head)
         return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, w, None, "lm_head"))
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos/sin at the positions (the rope_wrong_from fault: theta 1e4 from a position on)."""
+        hd, wrong_from = self.cfg.head_dim, self.options.rope_wrong_from
+        cos, sin = rope_tables(pos, hd, self.rope_theta, self.dtype, self.device)
+        if wrong_from is not None:
+            bad = pos >= wrong_from
+            cos_b, sin_b = rope_tables(pos, hd, 1e4, self.dtype, self.device)
+            cos, sin = torch.where(bad[:, None], cos_b, cos), torch.where(bad[:, None], sin_b, sin)
+        return cos, sin
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q: (H, T, hd); k, v: (KV, S, hd) with S = start + T. Grouped-query, causal."""
@@ -330,13 +395,24 @@ class Qwen2Model:
         return attention(q, k, v, start, scale, self.options.softmax_fp16)
 
     # --- the two paths ------------------------------------------------------------------------------
+    def new_cache(self, tokens: int) -> KVCache | StaticKVCache:
+        """A K/V cache for a run of `tokens` positions: growing on the CPU; static on the GPU (one per capacity, so
+        asking again empties it), which is what lets a decode step replay as a CUDA graph."""
+        if self.device.type != "cuda":
+            return KVCache()
+        if self.graphs is not None:
+            return self.graphs.new_cache(tokens)
+        from fp8parity.cuda_graphs import CudaGraphs
+
+        return StaticKVCache(self.cfg, CudaGraphs.capacity_for(tokens), self.device, self.dtype)
+
     def prefill(self, ids: list[int], recorder: Recorder | None = None, logits_for: str | slice = "all",
                 cache: KVCache | None = None) -> torch.Tensor:
         return self.forward(ids, cache=cache, recorder=recorder, logits_for=logits_for)
 
     def decode_serial(self, ids: list[int], recorder: Recorder | None = None) -> torch.Tensor:
         """Token by token against a KV cache; logits (T, vocab) stacked from each step."""
-        cache = KVCache()
+        cache = self.new_cache(len(ids))
         return torch.cat([self.forward([i], cache=cache, recorder=recorder, path="decode") for i in ids], dim=0)
 
     def run(self, ids: list[int], path: str = "prefill", recorder: Recorder | None = None) -> torch.Tensor:
@@ -350,7 +426,7 @@ class Qwen2Model:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None,
                  tokenizer=None) -> GenerationResult:
         """Greedy decoding: prefill the prompt, then one token a step; stops on any of stop_ids."""
-        cache = KVCache()
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
         logits = self.forward(prompt_ids, cache=cache, logits_for="last")
         out: list[int] = []
         reason = "max_new_tokens"

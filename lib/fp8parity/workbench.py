@@ -116,6 +116,8 @@ def calibrate(model: Qwen2Model, ids: list[int]) -> None:
         b.calibrating = True
         model.prefill(ids, logits_for="last")
         b.calibrating = False
+    if model.graphs is not None:
+        model.graphs.clear()  # the scales and FP8 weights a graph would replay have changed
 
 
 def resources() -> dict:

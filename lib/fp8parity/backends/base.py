@@ -13,6 +13,9 @@ class LinearBackend:
 
     name = "base"
     device = "cpu"
+    # whether a forward through it may be captured as a CUDA graph: only device work, no host reads, no per-forward
+    # state (fault wrappers and anything unknown: no)
+    graph_safe = False
 
     def __init__(self) -> None:
         self.stats: dict[str, dict] = {}

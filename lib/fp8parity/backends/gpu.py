@@ -59,6 +59,7 @@ class BF16Backend(LinearBackend):
     """bf16 GEMM on the GPU: separates "it is on the GPU" from "it is FP8"."""
 
     name = "bf16"
+    graph_safe = True
 
     def __init__(self):
         super().__init__()
@@ -107,6 +108,10 @@ class TorchFP8Backend(LinearBackend):
 
     def holds(self, key):
         return key in self._w
+
+    @property
+    def graph_safe(self):
+        return not self.collect_stats  # statistics read operands back to the host
 
     def linear(self, x, w, b, key):
         cached = self._w.get(key)
@@ -191,6 +196,11 @@ class TEBackend(LinearBackend):
 
     def holds(self, key):
         return key in self.modules
+
+    @property
+    def graph_safe(self):
+        # calibration phases and the per-call path change TE state from the host between calls; statistics read back
+        return self.phase == "run" and self.cache_weights and self.one_autocast and not self.collect_stats
 
     def module(self, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.nn.Module:
         mod = self.modules.get(key)

@@ -1,0 +1,128 @@
+"""CUDA graphs of the untapped GPU forward: a shape seen twice is captured once and replayed after.
+
+An eager forward launches every op from Python (about 40 per layer, and each te.Linear call costs ~0.2 ms of host
+time), so a short forward on the GPU is host-bound: 3 ms of CUDA inside 30-70 ms of wall time. A graph replays the
+same kernels with one launch. The graph runs the same code (`Qwen2Model.body`) on fixed buffers: the embedded tokens
+and, for a decode step, the position are copied in; the K/V cache is a `StaticKVCache` this object owns.
+
+Graphs are used only where nothing on the host looks at the forward: no recorder (taps copy to the host), a backend
+that says it is `graph_safe` (no statistics, no calibration, no fault wrapper) and the file's own recipe (no planted
+fault). Everything else runs eagerly over the same static cache, so both ways compute the same numbers
+(tests/test_cuda_graphs.py checks it bit for bit on the GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CAPACITY_STEP = 256  # static caches come in multiples of this many positions: a few shapes, each captured once
+
+
+@dataclass
+class Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor  # the embedded tokens, copied in before a replay
+    pos: torch.Tensor | None  # a decode step's position, written before a replay
+    out: torch.Tensor  # the logits the replay writes
+
+
+class CudaGraphs:
+    """The graphs and static K/V caches of one model on the GPU."""
+
+    def __init__(self, model):
+        self.model = model
+        self.caches: dict[int, object] = {}  # capacity -> StaticKVCache handed out by new_cache
+        self.scratch: dict[int, object] = {}  # capacity -> the cache a prefill without one writes into
+        self.graphs: dict[tuple, Graph] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None  # one memory pool for all of this model's graphs: they never run at once
+        self.captures = self.replays = 0
+
+    @staticmethod
+    def capacity_for(tokens: int) -> int:
+        return max(1, -(-tokens // CAPACITY_STEP)) * CAPACITY_STEP
+
+    def _static(self, table: dict, tokens: int):
+        from fp8parity.qwen2 import StaticKVCache
+
+        cap = self.capacity_for(tokens)
+        cache = table.get(cap)
+        if cache is None:
+            m = self.model
+            cache = table[cap] = StaticKVCache(m.cfg, cap, m.device, m.dtype)
+        return cache.reset()
+
+    def new_cache(self, tokens: int):
+        """A static cache for `tokens` positions, emptied. One per capacity: asking again empties the same one."""
+        return self._static(self.caches, tokens)
+
+    def usable(self) -> bool:
+        m = self.model
+        return getattr(m.backend, "graph_safe", False) and m.options == type(m.options)()
+
+    def forward(self, ids: list[int], cache, logits_for, path: str) -> torch.Tensor | None:
+        """The logits from a graph, or None where this forward runs eagerly (its shape seen once, or not graphable)."""
+        if not self.usable() or not (logits_for in ("last", "all") or isinstance(logits_for, slice)):
+            return None
+        rows = (logits_for.start, logits_for.stop, logits_for.step) if isinstance(logits_for, slice) else logits_for
+        T = len(ids)
+        if cache is None:
+            cache, key = self._static(self.scratch, T), ("prefill", T, rows, "scratch")
+        elif cache is not self.caches.get(getattr(cache, "capacity", None)):
+            return None  # a cache this object does not own (a growing one, or a static one made elsewhere)
+        elif cache.length == 0:
+            key = ("prefill", T, rows, cache.capacity)
+        elif T == 1:
+            key = ("decode", cache.capacity)
+        else:
+            return None  # a prefill continuing a cache: eager
+        if key not in self.graphs and key not in self.seen:
+            self.seen.add(key)
+            return None  # first sighting: eager (a shape seen once is not worth a capture)
+        cache.reserve(self.model.cfg.n_layers, T)
+        x = self.model.embed(ids)
+        g = self.graphs.get(key) or self._capture(key, x, cache, logits_for, path)
+        g.x.copy_(x)
+        if g.pos is not None:
+            g.pos.fill_(cache.length)
+        g.graph.replay()
+        self.replays += 1
+        cache.advance(T)
+        return g.out.clone()  # the graph overwrites its output at the next replay
+
+    def _capture(self, key: tuple, x: torch.Tensor, cache, logits_for, path: str) -> Graph:
+        m = self.model
+        sx = x.clone()
+        pos = torch.full((1,), cache.length, dtype=torch.long, device=m.device) if key[0] == "decode" else None
+        start = pos if pos is not None else cache.length
+
+        def body() -> torch.Tensor:
+            with m.backend.forward_context():
+                return m.body(sx, start, cache, None, logits_for, path)
+
+        # warm up on a side stream (lazy initialisation, workspaces) as torch.cuda.graph's documentation asks; it
+        # writes this forward's own K/V slots, which the replay writes again
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = body()
+        self.captures += 1
+        g = self.graphs[key] = Graph(graph, sx, pos, out)
+        return g
+
+    def clear(self) -> None:
+        """Forget every graph (a calibration changed the backend's scales or FP8 weights behind them)."""
+        self.graphs.clear()
+        self.seen.clear()
+
+    def describe(self) -> dict:
+        return {"graphs": len(self.graphs), "captures": self.captures, "replays": self.replays,
+                "static_caches": sorted(self.caches)}

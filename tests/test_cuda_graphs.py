@@ -1,0 +1,69 @@
+"""CUDA graphs change no number: a repeated prefill and every decode step replayed as a graph give logits
+bit-identical to the same forwards run eagerly over the same static K/V cache, for each GPU candidate; and the static
+cache itself stays within fp32 rounding of the growing cache the path used before. Runs on a CUDA FP8 GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8parity.backends import make_backend
+from fp8parity.gguf_file import GGUFModel
+from fp8parity.qwen2 import KVCache, Qwen2Model
+from fp8parity.workbench import calibrate
+
+pytestmark = pytest.mark.gpu
+needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                   reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+CANDIDATES = ["bf16", "te:current", "te:block", "te:delayed-calibrated", "te:delayed", "torch-fp8:current",
+              "torch-fp8:rowwise"]
+STEPS = 6
+
+
+def candidate(g: GGUFModel, name: str, graphs: bool, prompt: list[int]) -> Qwen2Model:
+    if name.startswith("te"):
+        pytest.importorskip("transformer_engine")
+    backend, _, recipe = name.partition(":")
+    model = Qwen2Model(g, backend=make_backend(backend, recipe or "current"), cuda_graphs=graphs)
+    calibrate(model, prompt)
+    return model
+
+
+def generation(model: Qwen2Model, prompt: list[int], cache=None) -> torch.Tensor:
+    """Prefill, then STEPS decode steps (teacher-forced from the prompt), logits stacked."""
+    cache = cache if cache is not None else model.new_cache(len(prompt) + STEPS)
+    out = [model.forward(prompt, cache=cache, logits_for="last")]
+    out += [model.forward([t], cache=cache, path="decode") for t in prompt[:STEPS]]
+    return torch.cat(out).cpu()
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("name", CANDIDATES)
+def test_graphs_are_bit_identical_to_eager(tiny_path, name):
+    g = GGUFModel(tiny_path)
+    prompt = list(range(3, 40))
+    runs = {}
+    for graphs in (False, True):
+        model = candidate(g, name, graphs, prompt)
+        # three generations (the second captures what the first saw, the third replays) and three bare prefills
+        runs[graphs] = [generation(model, prompt) for _ in range(3)]
+        runs[graphs] += [model.prefill(prompt, logits_for="last").cpu() for _ in range(3)]
+    assert model.graphs.captures >= 2 and model.graphs.replays >= 2 * STEPS, model.graphs.describe()
+    for i, (eager, graphed) in enumerate(zip(runs[False], runs[True], strict=True)):
+        assert eager.abs().max() > 0.1, "logits of zeros compare equal whatever the path"
+        assert torch.equal(eager, graphed), (name, i, (eager - graphed).abs().max().item())
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("name", ["bf16", "te:current", "te:block"])
+def test_static_cache_stays_within_rounding_of_the_growing_cache(tiny_path, name):
+    g = GGUFModel(tiny_path)
+    prompt = list(range(3, 40))
+    model = candidate(g, name, False, prompt)
+    grown, static = generation(model, prompt, KVCache()), generation(model, prompt)
+    assert torch.equal(grown[0], static[0])  # the prefill: same sums, same order
+    err = ((grown - static).norm() / grown.norm()).item()
+    print(f"{name}: decode logits, static vs growing cache, rel. L2 {err:.2e}")
+    # an FP8 candidate may round one activation to the next E4M3 step where attention moved an ulp: far below its
+    # own error against the reference (a few 1e-2), which is what stage B judges
+    assert err < 1e-3, err
