@@ -67,3 +67,23 @@ def test_static_cache_stays_within_rounding_of_the_growing_cache(tiny_path, name
     # an FP8 candidate may round one activation to the next E4M3 step where attention moved an ulp: far below its
     # own error against the reference (a few 1e-2), which is what stage B judges
     assert err < 1e-3, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T, S, start", [(40, 40, 0), (1, 256, 39)])  # a prefill; a decode step over a static cache
+def test_fused_gpu_attention_is_a_correct_fp32_attention(T, S, start):
+    """The GPU runs attention as one fused kernel; its error against fp64 must be that of a correct fp32 attention
+    (the CPU's textbook form), within stage B's attention floor, which is twice the largest such error measured."""
+    from fp8parity.metrics import rel_l2
+    from fp8parity.qwen2 import attention
+    from fp8parity.replay import FLOORS
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, t, 64, generator=gen) * sd for n, t, sd in ((14, T, 3.0), (2, S, 3.0), (2, S, 1.0)))
+    k[:, start + T:], v[:, start + T:] = 0, 0  # a static cache's unwritten slots
+    exact = attention(q.double(), k.double(), v.double(), start)
+    textbook, fused = attention(q, k, v, start), attention(q.cuda(), k.cuda(), v.cuda(), start).cpu()
+    err_textbook, err_fused = rel_l2(textbook, exact), rel_l2(fused, exact)
+    print(f"T={T} S={S}: rel. L2 to fp64, textbook fp32 {err_textbook:.2e}, fused GPU {err_fused:.2e}")
+    assert exact.abs().max() > 0.1
+    assert err_fused <= FLOORS["attention"].rel_l2 / 2, (err_fused, err_textbook)

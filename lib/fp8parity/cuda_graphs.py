@@ -2,8 +2,9 @@
 
 An eager forward launches every op from Python (about 40 per layer, and each te.Linear call costs ~0.2 ms of host
 time), so a short forward on the GPU is host-bound: 3 ms of CUDA inside 30-70 ms of wall time. A graph replays the
-same kernels with one launch. The graph runs the same code (`Qwen2Model.body`) on fixed buffers: the embedded tokens
-and, for a decode step, the position are copied in; the K/V cache is a `StaticKVCache` this object owns.
+same kernels with one launch. It runs the same code (`Qwen2Model.body`) on fixed buffers: the token rows and, for a
+decode step, the position are written in; the embedding table is gathered on the GPU (the same dequantized values
+the eager path reads row by row on the host); the K/V cache is a `StaticKVCache` this object owns.
 
 Graphs are used only where nothing on the host looks at the forward: no recorder (taps copy to the host), a backend
 that says it is `graph_safe` (no statistics, no calibration, no fault wrapper) and the file's own recipe (no planted
@@ -23,7 +24,7 @@ CAPACITY_STEP = 256  # static caches come in multiples of this many positions: a
 @dataclass
 class Graph:
     graph: torch.cuda.CUDAGraph
-    x: torch.Tensor  # the embedded tokens, copied in before a replay
+    rows: torch.Tensor  # the tokens' embedding rows, written before a replay
     pos: torch.Tensor | None  # a decode step's position, written before a replay
     out: torch.Tensor  # the logits the replay writes
 
@@ -38,6 +39,7 @@ class CudaGraphs:
         self.graphs: dict[tuple, Graph] = {}
         self.seen: set[tuple] = set()
         self.pool = None  # one memory pool for all of this model's graphs: they never run at once
+        self._table: torch.Tensor | None = None  # the token embedding table on the GPU
         self.captures = self.replays = 0
 
     @staticmethod
@@ -82,9 +84,12 @@ class CudaGraphs:
             self.seen.add(key)
             return None  # first sighting: eager (a shape seen once is not worth a capture)
         cache.reserve(self.model.cfg.n_layers, T)
-        x = self.model.embed(ids)
-        g = self.graphs.get(key) or self._capture(key, x, cache, logits_for, path)
-        g.x.copy_(x)
+        rows = self.model.embed_rows(ids)
+        g = self.graphs.get(key) or self._capture(key, rows, cache, logits_for, path)
+        if T == 1:
+            g.rows.fill_(rows[0])  # no host-to-device copy: a fill kernel takes the value as an argument
+        else:
+            g.rows.copy_(torch.tensor(rows))
         if g.pos is not None:
             g.pos.fill_(cache.length)
         g.graph.replay()
@@ -92,15 +97,24 @@ class CudaGraphs:
         cache.advance(T)
         return g.out.clone()  # the graph overwrites its output at the next replay
 
-    def _capture(self, key: tuple, x: torch.Tensor, cache, logits_for, path: str) -> Graph:
+    def table(self) -> torch.Tensor:
+        if self._table is None:
+            from fp8parity.names import TOKEN_EMBD
+
+            m = self.model
+            self._table = m.weights.get(TOKEN_EMBD).to(m.device, m.dtype)
+        return self._table
+
+    def _capture(self, key: tuple, rows: list[int], cache, logits_for, path: str) -> Graph:
         m = self.model
-        sx = x.clone()
+        srows = torch.tensor(rows, device=m.device)
         pos = torch.full((1,), cache.length, dtype=torch.long, device=m.device) if key[0] == "decode" else None
         start = pos if pos is not None else cache.length
+        table = self.table()
 
         def body() -> torch.Tensor:
             with m.backend.forward_context():
-                return m.body(sx, start, cache, None, logits_for, path)
+                return m.body(table.index_select(0, srows), start, cache, None, logits_for, path)
 
         # warm up on a side stream (lazy initialisation, workspaces) as torch.cuda.graph's documentation asks; it
         # writes this forward's own K/V slots, which the replay writes again
@@ -115,7 +129,7 @@ class CudaGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = body()
         self.captures += 1
-        g = self.graphs[key] = Graph(graph, sx, pos, out)
+        g = self.graphs[key] = Graph(graph, srows, pos, out)
         return g
 
     def clear(self) -> None:

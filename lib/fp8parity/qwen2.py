@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from gguf import MODEL_TENSOR
 
 from fp8parity.errors import WorkbookError
@@ -127,16 +128,29 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(t, n)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
-              softmax_fp16: bool = False) -> torch.Tensor:
-    """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd)."""
+def causal_mask(S: int, T: int, start: int | torch.Tensor, device) -> torch.Tensor:
+    """(T, S) True where query start+t may not see key s (s > start+t); `start` may be a device tensor."""
+    return torch.arange(S, device=device)[None, :] > (start + torch.arange(T, device=device))[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, scale: float | None = None,
+              softmax_fp16: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd).
+
+    On the CPU (the reference, the oracle, every twin) the textbook form: scores, masked softmax, weighted sum. On a GPU,
+    one fused fp32 kernel (torch's scaled_dot_product_attention: memory-efficient attention, no TF32) instead of about
+    ten: a decode step is launch-bound and a long prefill bound by the fp32 score matrix. Its error against fp64 is
+    that of a correct fp32 attention, which stage B's attention floor bounds (tests/test_cuda_graphs.py measures it)."""
     H, T, hd = q.shape
     rep = H // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
+    S = k.shape[1]
+    mask = causal_mask(S, T, start, q.device) if mask is None else mask
+    if q.is_cuda and not softmax_fp16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, scale=1 / math.sqrt(hd) if scale is None
+                                              else scale)
     scores = q @ k.transpose(1, 2)  # (H, T, S)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
-    S = k.shape[1]
-    mask = torch.arange(S, device=q.device)[None, :] > (start + torch.arange(T, device=q.device))[:, None]
     scores = scores.masked_fill(mask, float("-inf"))
     if softmax_fp16:
         return torch.softmax(scores.half(), dim=-1).to(v.dtype) @ v
@@ -298,10 +312,12 @@ class Qwen2Model:
     def rope_theta(self) -> float:
         return self.options.rope_theta if self.options.rope_theta is not None else self.cfg.rope_theta
 
+    def embed_rows(self, ids: list[int]) -> list[int]:
+        """The embedding rows the tokens read (the off-by-one fault shifts them), clamped to the vocabulary."""
+        return [min(max(i + self.options.embedding_row_offset, 0), self.cfg.vocab - 1) for i in ids]
+
     def embed(self, ids: list[int]) -> torch.Tensor:
-        rows = [i + self.options.embedding_row_offset for i in ids]
-        rows = [min(max(r, 0), self.cfg.vocab - 1) for r in rows]
-        return self.gguf.rows(TOKEN_EMBD, rows).to(self.device, self.dtype)
+        return self.gguf.rows(TOKEN_EMBD, self.embed_rows(ids)).to(self.device, self.dtype)
 
     # --- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -356,11 +372,10 @@ class Qwen2Model:
             v = tap("v_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_V, L, "v_proj", bias=True))
             q = tap("q_post_rope", L, apply_rope(q.view(T, H, hd), cos, sin))
             k = tap("k_post_rope", L, apply_rope(k.view(T, KV, hd), cos, sin))
-            kt, vt = k.view(T, KV, hd).transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)  # (KV, T, hd)
-            kt, vt = cache.append(L, kt, vt, pos, start)
-            if opts.kv_shift_decode and path == "decode" and kt.shape[1] > 1:  # slot j reads position j-1
-                kt, vt = torch.cat((kt[:, :1], kt[:, :-1]), 1), torch.cat((vt[:, :1], vt[:, :-1]), 1)
-            attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start)  # (H, T, hd)
+            kt, vt = self._cached_kv(cache, L, k.view(T, KV, hd), v.view(T, KV, hd), pos, start, path)  # (KV, S, hd)
+            if L == 0:  # the same in every layer
+                mask = causal_mask(kt.shape[1], T, start, self.device)
+            attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start, mask)  # (H, T, hd)
             attn = tap("attention", L, attn.transpose(0, 1).reshape(T, H * hd))
             o = tap("attn_out", L, self._block_linear(attn, MODEL_TENSOR.ATTN_OUT, L, "attn_out"))
             x = tap("post_attn_residual", L, x + o)
@@ -378,6 +393,13 @@ class Qwen2Model:
         w = None if self.backend.holds("lm_head") else self._w(head)
         return tap(LOGITS, GLOBAL_LAYER, self.backend.linear(h, w, None, "lm_head"))
 
+    def _cached_kv(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start, path: str):
+        """This forward's keys/values (T, KV, hd) into the cache; the keys/values attention reads back."""
+        kt, vt = cache.append(layer, k.transpose(0, 1), v.transpose(0, 1), pos, start)
+        if self.options.kv_shift_decode and path == "decode" and kt.shape[1] > 1:  # slot j reads position j-1
+            kt, vt = torch.cat((kt[:, :1], kt[:, :-1]), 1), torch.cat((vt[:, :1], vt[:, :-1]), 1)
+        return kt, vt
+
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos/sin at the positions (the rope_wrong_from fault: theta 1e4 from a position on)."""
         hd, wrong_from = self.cfg.head_dim, self.options.rope_wrong_from
@@ -388,11 +410,11 @@ class Qwen2Model:
             cos, sin = torch.where(bad[:, None], cos_b, cos), torch.where(bad[:, None], sin_b, sin)
         return cos, sin
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start, mask: torch.Tensor) -> torch.Tensor:
         """q: (H, T, hd); k, v: (KV, S, hd) with S = start + T. Grouped-query, causal."""
         power = self.options.attn_scale_power
         scale = None if power is None else q.shape[-1] ** -power
-        return attention(q, k, v, start, scale, self.options.softmax_fp16)
+        return attention(q, k, v, start, scale, self.options.softmax_fp16, mask)
 
     # --- the two paths ------------------------------------------------------------------------------
     def new_cache(self, tokens: int) -> KVCache | StaticKVCache:

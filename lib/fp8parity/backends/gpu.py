@@ -37,6 +37,27 @@ def require_fp8_gpu(what: str) -> torch.device:
     return dev
 
 
+NO_TE = ("backend te needs Transformer Engine, which is not installed; `pip install 'transformer-engine[pytorch]'` "
+         "(or use BACKEND=torch-fp8).")
+NO_BLOCK = "Float8BlockScaling is not available here (needs Hopper and CUDA >= 12.9)."
+
+
+def te_preflight(recipe: str) -> None:
+    """What building a te backend refuses, checked without importing Transformer Engine (8 s on the GPU host): an
+    unknown recipe, no FP8 GPU, no Transformer Engine, block scaling without Hopper and CUDA 12.9. Building the
+    backend asks Transformer Engine itself (`is_fp8_available`) and refuses in the same words."""
+    import importlib.util
+
+    if recipe not in TE_RECIPES:
+        raise WorkbookError(f"unknown TE recipe {recipe!r}; choose one of {', '.join(TE_RECIPES)}.")
+    require_fp8_gpu("te")
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise WorkbookError(NO_TE)
+    cuda = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
+    if recipe == "block" and (torch.cuda.get_device_capability() < (9, 0) or cuda < (12, 9)):
+        raise WorkbookError(NO_BLOCK)
+
+
 def card_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
@@ -165,16 +186,13 @@ class TEBackend(LinearBackend):
             import transformer_engine.pytorch as te
             from transformer_engine.common import recipe as te_recipe
         except ImportError:
-            raise WorkbookError(
-                "backend te needs Transformer Engine, which is not installed; `pip install "
-                "'transformer-engine[pytorch]'` (or use BACKEND=torch-fp8)."
-            ) from None
+            raise WorkbookError(NO_TE) from None
         self.te = te
         if not te.is_fp8_available():
             raise WorkbookError("Transformer Engine reports FP8 is not available on this GPU; use BACKEND=bf16.")
         if recipe == "block":
             if not te.is_fp8_block_scaling_available():
-                raise WorkbookError("Float8BlockScaling is not available here (needs Hopper and CUDA >= 12.9).")
+                raise WorkbookError(NO_BLOCK)
             self.recipe = te_recipe.Float8BlockScaling()
         elif recipe == "current":
             self.recipe = te_recipe.Float8CurrentScaling()
