@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from gguf import MODEL_TENSOR
 
 from fp8parity.errors import WorkbookError
@@ -138,23 +137,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd).
 
     On the CPU (the reference, the oracle, every twin) the textbook form: scores, masked softmax, weighted sum. On a GPU,
-    one fused fp32 kernel (torch's scaled_dot_product_attention: memory-efficient attention, no TF32) instead of about
-    ten: a decode step is launch-bound and a long prefill bound by the fp32 score matrix. Its error against fp64 is
-    that of a correct fp32 attention, which stage B's attention floor bounds (tests/test_cuda_graphs.py measures it)."""
+    one fused fp32 kernel (memory-efficient attention, no TF32) instead of about ten: a decode step is launch-bound and a
+    long prefill bound by the fp32 score matrix. Its error against fp64 is that of a correct fp32 attention, which stage
+    B's attention floor bounds (tests/test_cuda_graphs.py measures it)."""
     H, T, hd = q.shape
     rep = H // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
     S = k.shape[1]
     mask = causal_mask(S, T, start, q.device) if mask is None else mask
     if q.is_cuda and not softmax_fp16:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, scale=1 / math.sqrt(hd) if scale is None
-                                              else scale)
+        return fused_attention(q, k, v, mask, 1 / math.sqrt(hd) if scale is None else scale)
     scores = q @ k.transpose(1, 2)  # (H, T, S)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
     scores = scores.masked_fill(mask, float("-inf"))
     if softmax_fp16:
         return torch.softmax(scores.half(), dim=-1).to(v.dtype) @ v
     return torch.softmax(scores, dim=-1) @ v
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k, v: (H, T or S, hd) on a GPU, mask (T, S) True where masked -> (H, T, hd), by the memory-efficient kernel.
+
+    Called directly, not through scaled_dot_product_attention: that entry point loads torch's cuDNN to weigh its
+    backends, after which Transformer Engine's cuDNN no longer loads in the same process (measured on the H200)."""
+    H, T, _ = q.shape
+    S = k.shape[1]
+    # the kernel reads the bias with a row stride that is a multiple of 16: allocate padded, use the first S columns
+    bias = torch.zeros(T, S + (-S) % 16, device=q.device, dtype=q.dtype)[:, :S].masked_fill_(mask, float("-inf"))
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q[None], k[None], v[None], bias.expand(1, H, T, S),
+                                                                 False, 0.0, False, scale=scale)[0]
+    return out[0]
 
 
 def perturb_output(x: torch.Tensor, kind: str, magnitude: float, head_dim: int) -> torch.Tensor:
