@@ -136,16 +136,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
               softmax_fp16: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd).
 
-    On the CPU (the reference, the oracle, every twin) the textbook form: scores, masked softmax, weighted sum. On a GPU,
-    one fused fp32 kernel (memory-efficient attention, no TF32) instead of about ten: a decode step is launch-bound and a
-    long prefill bound by the fp32 score matrix. Its error against fp64 is that of a correct fp32 attention, which stage
-    B's attention floor bounds (tests/test_cuda_graphs.py measures it)."""
+    The textbook form (scores, masked softmax, weighted sum) everywhere but a prefill on a GPU, which runs one fused fp32
+    kernel (memory-efficient attention, no TF32): a long prefill is bound by the fp32 score matrix (7B shapes, 2048
+    tokens: 44 of 88 ms in that kernel, against 65 ms the textbook way). A decode step (one query) keeps the textbook
+    form, faster there (0.5B te decode 4.7 vs 5.4 ms a token; benchmarks/gpu_speed.py, H200). The fused kernel's error
+    is that of a correct fp32 attention, within stage B's attention floor (measured there against the CPU twin)."""
     H, T, hd = q.shape
     rep = H // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
     S = k.shape[1]
     mask = causal_mask(S, T, start, q.device) if mask is None else mask
-    if q.is_cuda and not softmax_fp16:
+    if q.is_cuda and T > 1 and not softmax_fp16:
         return fused_attention(q, k, v, mask, 1 / math.sqrt(hd) if scale is None else scale)
     scores = q @ k.transpose(1, 2)  # (H, T, S)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
