@@ -127,6 +127,11 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(t, n)
 
 
+# a GPU prefill of this many tokens or more runs the fused attention kernel: it gains a third at 2048 tokens and
+# nothing at 128 (benchmarks/gpu_speed.py); the cascade's prompts and notebook 09's 512-token windows stay below
+FUSED_ATTENTION_MIN_TOKENS = 1024
+
+
 def causal_mask(S: int, T: int, start: int | torch.Tensor, device) -> torch.Tensor:
     """(T, S) True where query start+t may not see key s (s > start+t); `start` may be a device tensor."""
     return torch.arange(S, device=device)[None, :] > (start + torch.arange(T, device=device))[:, None]
@@ -136,17 +141,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
               softmax_fp16: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd).
 
-    The textbook form (scores, masked softmax, weighted sum) everywhere but a prefill on a GPU, which runs one fused fp32
-    kernel (memory-efficient attention, no TF32): a long prefill is bound by the fp32 score matrix (7B shapes, 2048
-    tokens: 44 of 88 ms in that kernel, against 65 ms the textbook way). A decode step (one query) keeps the textbook
-    form, faster there (0.5B te decode 4.7 vs 5.4 ms a token; benchmarks/gpu_speed.py, H200). The fused kernel's error
-    is that of a correct fp32 attention, within stage B's attention floor (measured there against the CPU twin)."""
+    The textbook form (scores, masked softmax, weighted sum) everywhere but a long prefill on a GPU, which runs one fused
+    fp32 kernel (memory-efficient attention, no TF32): there the fp32 score matrix is the cost (7B shapes, 2048 tokens:
+    44 of 88 ms in that kernel, against about 65 ms the textbook way). Shorter forwards keep the textbook form, as fast
+    there (a decode step: faster, 0.5B te 4.7 vs 5.4 ms a token; benchmarks/gpu_speed.py, H200) and the same numbers
+    as before, which the cascade's verdicts on the real model were checked with. The fused kernel's error is that of a
+    correct fp32 attention, within stage B's attention floor (measured there against the CPU twin)."""
     H, T, hd = q.shape
     rep = H // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
     S = k.shape[1]
     mask = causal_mask(S, T, start, q.device) if mask is None else mask
-    if q.is_cuda and T > 1 and not softmax_fp16:
+    if q.is_cuda and T >= FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16:
         return fused_attention(q, k, v, mask, 1 / math.sqrt(hd) if scale is None else scale)
     scores = q @ k.transpose(1, 2)  # (H, T, S)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale

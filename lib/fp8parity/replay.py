@@ -45,7 +45,7 @@ class Floor:
 # paths, largest over every (layer, position); raw numbers in benchmarks/results/noise_floors_*.json. fp32 ops: twice
 # the largest error of the fp32 op against the same op in fp64 on the same inputs (two correct fp32 implementations
 # each lie within that of the exact result), checked against the GPU candidates' fp32 ops (norms, RoPE, attention
-# on the H200) against the CPU twin, all within it but the GPU prefill's fused attention kernel, whose largest
+# on the H200) against the CPU twin, all within it but the GPU's fused attention kernel (long prefills), whose largest
 # difference from the CPU twin is the attention floor. GEMMs of narrower arithmetic: the largest difference between two
 # correct implementations, measured directly on both machines.
 _CPU = "2-core x86-64 VM, torch 2.13.0+cpu"
@@ -54,9 +54,9 @@ FLOORS: dict[str, Floor] = {
     "lookup": Floor(2.0**-24, "a row copy is exact (0 measured everywhere); fp32 unit roundoff as the least floor"),
     "rmsnorm": Floor(3.8e-7, f"2 x 1.88e-7, fp32 vs fp64 ({_CPU}); GPU vs CPU twin at most 3.62e-7 ({_GPU})"),
     "rope": Floor(1.2e-7, f"2 x 6.04e-8, fp32 vs fp64 ({_CPU}); GPU vs CPU twin at most 6.84e-8 ({_GPU})"),
-    "attention": Floor(8.0e-5, f"the GPU prefill's fused fp32 kernel (memory-efficient attention) vs the CPU twin at "
-                               f"most 7.95e-5 over 8 GPU candidates ({_GPU}); 2 x 2.40e-5, fp32 vs fp64 ({_CPU}); the "
-                               f"GPU's textbook form vs the CPU twin at most 2.96e-5"),
+    "attention": Floor(8.0e-5, f"the GPU's fused fp32 kernel (memory-efficient attention, long prefills) vs the CPU "
+                               f"twin at most 7.95e-5, run on every forward of 8 GPU candidates ({_GPU}); 2 x 2.40e-5, "
+                               f"fp32 vs fp64 ({_CPU}); the GPU's textbook form vs the CPU twin at most 2.96e-5"),
     "add": Floor(1.1e-7, f"2 x 5.35e-8, fp32 vs fp64 ({_CPU}); GPU vs CPU twin 0 ({_GPU})"),
     "swiglu": Floor(2.2e-7, f"2 x 1.08e-7, fp32 vs fp64 ({_CPU}); GPU vs CPU twin at most 1.17e-7 ({_GPU})"),
     "gemm-fp32": Floor(3.6e-6, f"2 x 1.81e-6, fp32 vs fp64 ({_CPU})"),
