@@ -159,3 +159,20 @@ def test_stage_f_does_not_excuse_a_broken_candidates_divergence(default_path, tm
                              prompts=("Write a Python function that reverses a string.",), max_prompts=1), tmp_path)
     v = stages.judge_f(stages.measure_f(wb, runs=1, max_new_tokens=4), stages.GoldenRule())
     assert v.status == stages.FAIL and v.runs_near_tie == 0
+
+
+def test_stage_f_measures_a_divergence_on_the_logits_the_generation_decided_from(tiny_path, tmp_path):
+    """generation_logits retraces generate (prefill, then one decode step per token): at every step its argmax is the
+    token generate emitted, for the reference and for an FP8 candidate (whose prefill of the same prefix would round
+    differently: its activation scales change with the batch)."""
+    wb = Workbench(RunConfig(model=str(tiny_path), backend="emulated-fp8"), tmp_path)
+    ids = wb.prompt_ids(0)
+    apart = {}
+    for name, model in (("reference", wb.reference), ("candidate", wb.candidate)):
+        out = model.generate(ids, 8, None).tokens
+        steps = [model.generation_logits(ids, out[:k], 8) for k in range(len(out))]
+        assert [int(s.argmax()) for s in steps] == out
+        prefilled = model.prefill(ids + out[:5], logits_for="last")[-1]
+        apart[name] = float((prefilled - steps[5]).norm() / steps[5].norm())
+    # measured: 8.3e-7 (fp32 summation order) and 0.13 (the candidate's E4M3 roundings follow its batch's scale)
+    assert apart["reference"] < 1e-5 and apart["candidate"] > 1e-2, apart

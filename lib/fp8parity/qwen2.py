@@ -464,6 +464,18 @@ class Qwen2Model:
         raise WorkbookError(f"unknown path {path!r}; use 'prefill' or 'decode'.")
 
     @torch.no_grad()
+    def generation_logits(self, prompt_ids: list[int], forced: list[int], max_new_tokens: int) -> torch.Tensor:
+        """The logits `generate` picks its next token from once it has emitted `forced`: the prompt's prefill, then
+        each forced token as one decode step, over the cache `generate` would make: the same path, so the same numbers.
+        (A prefill of prompt + forced is another computation: an FP8 candidate's activation scales differ with the
+        batch, and its near-tie there can rank the two tokens the other way.)"""
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
+        logits = self.forward(prompt_ids, cache=cache, logits_for="last")
+        for t in forced:
+            logits = self.forward([t], cache=cache, path="decode")
+        return logits[-1]
+
+    @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None,
                  tokenizer=None) -> GenerationResult:
         """Greedy decoding: prefill the prompt, then one token a step; stops on any of stop_ids."""

@@ -113,6 +113,13 @@ class LlamaCppEngine:
         self.run(ids, "prefill", layers=[0])
         return torch.stack([self.taps[(p, GLOBAL_LAYER, EMBEDDING)] for p in range(len(ids))])
 
+    def generation_logits(self, prompt_ids: list[int], forced: list[int], max_new_tokens: int) -> torch.Tensor:
+        """The logits `generate` picks its next token from once it has emitted `forced` (the same calls it makes)."""
+        logits = self.prefill(prompt_ids, logits_for="last")[-1]
+        for k, t in enumerate(forced):
+            logits = self._decode([t], len(prompt_ids) + k)[-1]
+        return logits
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None, tokenizer=None):
         """Greedy decoding as the reference's generate does it: the prompt's prefill, then one token a step."""
         from fp8parity.qwen2 import GenerationResult

@@ -25,17 +25,17 @@ NO_DIVERGENCE = {"diverged_at": -1, "divergence": "", "ref_margin": math.nan, "l
                  "top_two_swapped": False}
 
 
-def first_divergence(wb: Workbench, ids: list[int], golden: list[int], out: list[int]) -> dict:
+def first_divergence(wb: Workbench, ids: list[int], golden: list[int], out: list[int], max_new_tokens: int) -> dict:
     """Where a run leaves the golden output, and how close a call that was: the reference's margin between its token
-    and the candidate's on the shared prefix, and the candidate's logit noise there (the RMS over the vocabulary of
-    its logits minus the reference's, their mean removed: an offset moves no margin), and whether the two tokens are
-    both sides' top two, swapped (what a tie between them looks like)."""
+    and the candidate's, the candidate's logit noise (the RMS over the vocabulary of its logits minus the reference's,
+    their mean removed: an offset moves no margin), and whether the two tokens are both sides' top two, swapped (what
+    a tie between them looks like). Both sides' logits are the ones each generation decided from at that step (its
+    prefill and decode steps, not a prefill of the shared prefix, whose FP8 roundings differ)."""
     i = next((k for k, (a, b) in enumerate(zip(golden, out, strict=False)) if a != b), min(len(golden), len(out)))
     if i >= min(len(golden), len(out)):  # one stopped where the other went on: never a near-tie
         return NO_DIVERGENCE | {"diverged_at": i, "divergence": "length"}
-    prefix = list(ids) + list(golden[:i])
-    ref = wb.reference.prefill(prefix, logits_for="last")[-1].double()
-    cand = wb.candidate.prefill(prefix, logits_for="last")[-1].double().cpu()
+    ref = wb.reference.generation_logits(ids, golden[:i], max_new_tokens).double()
+    cand = wb.candidate.generation_logits(ids, golden[:i], max_new_tokens).double().cpu()
     diff = cand - ref
     noise = float((diff - diff.mean()).pow(2).mean().sqrt())
     swapped = ref.topk(2).indices.tolist() == [golden[i], out[i]] and cand.topk(2).indices.tolist() == [out[i], golden[i]]
@@ -57,7 +57,7 @@ def measure_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_
         for r in range(runs):
             out = wb.candidate.generate(ids, max_new_tokens, stops if use_stops else None, wb.tok)
             if out.tokens != golden.tokens and tuple(out.tokens) not in seen:
-                seen[tuple(out.tokens)] = first_divergence(wb, ids, golden.tokens, out.tokens)
+                seen[tuple(out.tokens)] = first_divergence(wb, ids, golden.tokens, out.tokens, max_new_tokens)
             rows.append({"prompt": prompt, "run": r + 1, "golden": golden.text, "output": out.text,
                          "stop_reason": out.stop_reason, "golden_stop_reason": golden.stop_reason,
                          "tokens": len(out.tokens), "matches_golden": out.tokens == golden.tokens,
