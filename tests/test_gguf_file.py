@@ -110,3 +110,22 @@ def test_default_model_card(default):
     assert (c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.ffn, c.vocab) == (24, 896, 14, 2, 4864, 151936)
     assert default.tensor_type_counts() == {"Q5_0": 133, "F32": 121, "Q8_0": 13, "Q6_K": 12, "Q4_K": 12}
     assert default.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_the_fast_field_reader_gives_gguf_pys_fields(which, request):
+    """The reader's fast path for arrays (the tokenizer's 455k elements) returns what gguf-py's own reader does: every
+    field with the same types, data indices, parts (values and dtypes) and contents."""
+    from gguf import GGUFReader
+
+    model = request.getfixturevalue(which)
+    ours, theirs = model.reader.fields, GGUFReader(model.path).fields
+    assert list(ours) == list(theirs)
+    big = 0
+    for name, f in theirs.items():
+        g = ours[name]
+        assert (g.offset, g.types, g.data, len(g.parts)) == (f.offset, f.types, f.data, len(f.parts)), name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(g.parts, f.parts, strict=True)), name
+        assert g.contents() == f.contents(), name
+        big = max(big, len(f.data))
+    assert big > (100_000 if which == "default" else 100)  # the tokenizer arrays were compared, not only scalars
