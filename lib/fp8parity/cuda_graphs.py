@@ -23,6 +23,8 @@ CAPACITY_STEP = 256  # static caches come in multiples of this many positions: a
 
 @dataclass
 class Graph:
+    """One captured forward and the buffers it reads and writes."""
+
     graph: torch.cuda.CUDAGraph
     rows: torch.Tensor  # the tokens' embedding rows, written before a replay
     pos: torch.Tensor | None  # a decode step's position, written before a replay
@@ -68,14 +70,15 @@ class CudaGraphs:
         """The logits from a graph, or None where this forward runs eagerly (its shape seen once, or not graphable)."""
         if not self.usable() or not (logits_for in ("last", "all") or isinstance(logits_for, slice)):
             return None
-        rows = (logits_for.start, logits_for.stop, logits_for.step) if isinstance(logits_for, slice) else logits_for
+        # which logits come back, as a hashable key (a slice is not hashable before Python 3.12)
+        kept = (logits_for.start, logits_for.stop, logits_for.step) if isinstance(logits_for, slice) else logits_for
         T = len(ids)
         if cache is None:
-            cache, key = self._static(self.scratch, T), ("prefill", T, rows, "scratch")
+            cache, key = self._static(self.scratch, T), ("prefill", T, kept, "scratch")
         elif cache is not self.caches.get(getattr(cache, "capacity", None)):
             return None  # a cache this object does not own (a growing one, or a static one made elsewhere)
         elif cache.length == 0:
-            key = ("prefill", T, rows, cache.capacity)
+            key = ("prefill", T, kept, cache.capacity)
         elif T == 1:
             key = ("decode", cache.capacity)
         else:
