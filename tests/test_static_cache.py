@@ -45,15 +45,15 @@ def test_cpu_runs_keep_the_growing_cache(tiny):
     assert isinstance(Qwen2Model(tiny).new_cache(10), KVCache)
 
 
-def test_the_gpu_gather_reads_what_the_row_lookup_reads(default):
-    """A graphed forward gathers its embeddings from the whole dequantized table on the GPU; the eager forward asks
-    gguf for the rows. Every row the tokenizer can produce must be the same bits both ways (stage C checks them)."""
-    from fp8parity.names import TOKEN_EMBD
-
-    model = Qwen2Model(default)
-    table = model.weights.get(TOKEN_EMBD)
-    rows = torch.randint(0, model.cfg.vocab, (64,), generator=torch.Generator().manual_seed(0)).tolist() + [0, 791,
-                                                                                                          model.cfg.vocab - 1]
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_the_gpu_gather_reads_what_the_row_lookup_reads(which, request):
+    """A graphed forward gathers its embeddings from the whole table (`embedding_table`, on the GPU); the eager forward
+    asks gguf for the rows. Every row must be the same bits both ways (stage C checks them)."""
+    g = request.getfixturevalue(which)
+    model = Qwen2Model(g)
+    table = model.embedding_table()
+    rows = torch.randint(0, model.cfg.vocab, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows += [0, min(791, model.cfg.vocab - 1), model.cfg.vocab - 1]
     looked_up = model.embed(rows)
     assert looked_up.abs().max() > 0
     assert torch.equal(table.index_select(0, torch.tensor(rows)), looked_up)

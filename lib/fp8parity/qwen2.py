@@ -142,10 +142,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd).
 
     The textbook form (scores, masked softmax, weighted sum) everywhere but a long prefill on a GPU, which runs one fused
-    fp32 kernel (memory-efficient attention, no TF32): there the fp32 score matrix is the cost (7B shapes, 2048 tokens:
-    44 of 88 ms in that kernel, against about 65 ms the textbook way). Shorter forwards keep the textbook form, as fast
-    there (a decode step: faster, 0.5B te 4.7 vs 5.4 ms a token; benchmarks/gpu_speed.py, H200) and the same numbers
-    as before, which the cascade's verdicts on the real model were checked with. The fused kernel's error is that of a
+    fp32 kernel (memory-efficient attention, no TF32): there the fp32 score matrix is the cost (te block, 7B shapes,
+    2048 tokens: the fused kernel 44.0 of 87.9 ms of CUDA time; the textbook form's two fp32 GEMMs and softmax 50.0 of
+    120.1 ms). Shorter forwards keep the textbook form: a decode step runs faster that way (0.5B te 4.7 vs 5.4 ms a
+    token; benchmarks/gpu_speed.py, H200), and it computes the numbers the cascade's real-model verdicts were checked
+    with. The fused kernel's error is that of a
     correct fp32 attention, within stage B's attention floor (measured there against the CPU twin)."""
     H, T, hd = q.shape
     rep = H // k.shape[0]
@@ -337,6 +338,11 @@ class Qwen2Model:
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         return self.gguf.rows(TOKEN_EMBD, self.embed_rows(ids)).to(self.device, self.dtype)
+
+    def embedding_table(self) -> torch.Tensor:
+        """The whole token embedding table on the model's device, the values `embed` reads row by row (a CUDA graph
+        gathers its rows on the GPU); dequantized here, not kept on the host."""
+        return self.gguf.tensor(TOKEN_EMBD).to(self.device, self.dtype)
 
     # --- forward ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -37,7 +37,7 @@ def cache_path(gguf) -> Path:
 
 def _write(gguf, path: Path) -> None:
     """Every matrix the forward multiplies by, dequantized to fp32 (norms and biases stay with the GGUF reader: they are
-    small; an untied embedding table is only ever read a row at a time)."""
+    small; an untied embedding table is read a row at a time, or dequantized once by a GPU model's CUDA graphs)."""
     names = [t.name for t in gguf.reader.tensors if len(t.shape) == 2
              and (t.name != TOKEN_EMBD or gguf.config.tied_embeddings)]
     tensors = {n: gguf.tensor(n).contiguous() for n in tqdm(names, desc="dequantizing weights for the cache", leave=False)}
