@@ -11,7 +11,7 @@ RUN      ?= $(VENV)/bin/python
 MODEL    ?= data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 RUNS_DIR ?= runs
 # Run parameters (BACKEND RECIPE ACCUMULATE PROMPT THRESHOLD PATHS MAX_PROMPTS MAX_NEW_TOKENS FAULT RUN_ID CAPSULE
-# CANDIDATE_TRACE ARCHIVE CORPUS CORPUS_TOKENS JOBS LLAMA_DEVICE SWEEP) have their defaults in lib/fp8parity/config.py, defined once: a variable reaches the
+# CANDIDATE_TRACE ARCHIVE CORPUS CORPUS_TOKENS JOBS LLAMA_DEVICE REFERENCE_DEVICE SWEEP) have their defaults in lib/fp8parity/config.py, defined once: a variable reaches the
 # CLI only when you set it (make VAR=value, or the environment), and a bad value, an empty one included, stops the
 # run with one line before anything is written.
 arg = $(if $(filter command line environment,$(origin $(1))),--$(2) "$($(1))")
@@ -75,7 +75,7 @@ run-all: $(SETUP)
 		$(call arg,MAX_PROMPTS,max-prompts) $(call arg,PATHS,paths) $(call arg,MAX_NEW_TOKENS,max-new-tokens) \
 		$(call arg,CAPSULE,capsule) $(call arg,CANDIDATE_TRACE,candidate-trace) $(call arg,ARCHIVE,archive) \
 		$(call arg,CORPUS,corpus) $(call arg,CORPUS_TOKENS,corpus-tokens) $(call arg,JOBS,jobs) \
-		$(call arg,LLAMA_DEVICE,llama-device)
+		$(call arg,LLAMA_DEVICE,llama-device) $(call arg,REFERENCE_DEVICE,reference-device)
 
 faults: $(SETUP) $(MODEL_DEP)
 	@$(RUN) -m fp8parity faults --model "$(MODEL)" --runs-dir "$(RUNS_DIR)" $(call arg,BACKEND,backend) \

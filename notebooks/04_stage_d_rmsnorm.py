@@ -36,6 +36,7 @@ ACCUMULATE = D.accumulate  # emulated-fp8 only: fp32 | fp64 | fast (a model of H
 PROMPTS = D().judged_prompts()  # chat prompts (template from the GGUF)
 THRESHOLD = D.threshold  # the spec's cosine rule, in (0, 1]
 FAULT = D.fault  # inject a catalogued fault into one side (fp8parity.faults.CATALOGUE)
+REFERENCE_DEVICE = D.reference_device  # auto (the GPU on a GPU host) | cpu | cuda: where reference and fp64 oracle run
 RUN_DIR = INTERACTIVE_RUN_DIR  # where verdicts, traces and figures go
 DRILL_LAYER = 0  # the drill-down's layer
 DRILL_POSITION = 0  # the drill-down's position
@@ -47,7 +48,7 @@ from fp8parity import plots, stages
 from fp8parity.workbench import Workbench
 
 cfg = D(model=MODEL, backend=BACKEND, recipe=RECIPE, accumulate=ACCUMULATE, prompts=tuple(PROMPTS),
-        max_prompts=len(PROMPTS), threshold=THRESHOLD, fault=FAULT)
+        max_prompts=len(PROMPTS), threshold=THRESHOLD, fault=FAULT, reference_device=REFERENCE_DEVICE)
 wb = Workbench(cfg, RUN_DIR)
 display(Markdown(wb.provenance_markdown()))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp8parity.backends import make_backend
+from fp8parity.backends import ReferenceBackend, make_backend
 from fp8parity.gguf_file import GGUFModel
 from fp8parity.qwen2 import KVCache, Qwen2Model
 from fp8parity.workbench import calibrate
@@ -15,7 +15,7 @@ from fp8parity.workbench import calibrate
 pytestmark = pytest.mark.gpu
 needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                    reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-CANDIDATES = ["bf16", "te:current", "te:block", "te:delayed-calibrated", "te:delayed", "torch-fp8:current",
+CANDIDATES = ["reference", "bf16", "te:current", "te:block", "te:delayed-calibrated", "te:delayed", "torch-fp8:current",
               "torch-fp8:rowwise"]
 STEPS = 6
 
@@ -24,7 +24,8 @@ def candidate(g: GGUFModel, name: str, graphs: bool, prompt: list[int]) -> Qwen2
     if name.startswith("te"):
         pytest.importorskip("transformer_engine")
     backend, _, recipe = name.partition(":")
-    model = Qwen2Model(g, backend=make_backend(backend, recipe or "current"), cuda_graphs=graphs)
+    made = ReferenceBackend("cuda") if backend == "reference" else make_backend(backend, recipe or "current")
+    model = Qwen2Model(g, backend=made, cuda_graphs=graphs)
     calibrate(model, prompt)
     return model
 

@@ -38,6 +38,8 @@ BAD = [
     (["--archive", "everything"], "ARCHIVE='everything' is unknown"),
     (["--capsule", "no/such.safetensors"], "CAPSULE='no/such.safetensors' is not a file"),
     (["--candidate-trace", "no/such/dir"], "trace folder no/such/dir does not exist"),
+    (["--reference-device", "gpu"], "REFERENCE_DEVICE='gpu' is unknown"),
+    (["--reference-device", "cuda"], "REFERENCE_DEVICE=cuda needs a CUDA GPU"),  # none here
     (["--backend", "torch-fp8", "--recipe", "block"], ""),  # refused: no GPU here (and torch-fp8 has no block)
 ]
 
@@ -72,7 +74,7 @@ def test_bad_fault_bench_parameters_are_refused_before_anything_is_written(tiny_
 
 
 @pytest.mark.parametrize("var,says", [("PROMPT=", "PROMPT is empty"), ("BACKEND=nonsense", "BACKEND='nonsense'"),
-                                      ("MAX_PROMPTS=0", "MAX_PROMPTS=0")])
+                                      ("MAX_PROMPTS=0", "MAX_PROMPTS=0"), ("REFERENCE_DEVICE=tpu", "REFERENCE_DEVICE='tpu'")])
 def test_make_passes_what_the_user_set_even_when_empty(tiny_path, tmp_path, var, says):
     """Make distinguishes `PROMPT=` from no PROMPT: the first is a bad value, the second the default."""
     runs = tmp_path / "runs"

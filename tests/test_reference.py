@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fp8parity.backends import ReferenceBackend
 from fp8parity.qwen2 import ForwardOptions, Qwen2Model, apply_rope, quantize_q8_k, rope_tables
 from fp8parity.taps import ALL_OPS, LAYER_OPS, Recorder
 from fp8parity.tokenizer import GGUFTokenizer
@@ -97,9 +98,14 @@ def hf_model(default_path):
         str(default_path.parent), gguf_file=default_path.name, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def ours(default):
-    return Qwen2Model(default), GGUFTokenizer(default)
+# Our reference on the CPU, and on a GPU (fp32 without TF32) where there is one: both must match transformers.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GPU reference needs a CUDA GPU")])]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def ours(default, request):
+    return Qwen2Model(default, backend=ReferenceBackend(request.param)), GGUFTokenizer(default)
 
 
 @pytest.mark.slow
@@ -123,7 +129,7 @@ def test_logits_and_hidden_states_match_transformers(ours, hf_model, prompt):
     model, tok = ours
     ids = tok.chat_ids(prompt)
     rec = Recorder(ops=["post_ffn_residual", "final_norm"])
-    logits = model.prefill(ids, rec)
+    logits = model.prefill(ids, rec).cpu()
     with torch.no_grad():
         out = hf_model(torch.tensor([ids]), output_hidden_states=True)
     assert cosine(logits[-1], out.logits[0, -1]) >= 0.99999

@@ -22,6 +22,7 @@ INTERACTIVE_RUN_DIR = str(REPO_ROOT / "runs" / "interactive")  # where a noteboo
 PATHS = ("prefill", "decode")
 ACCUMULATIONS = ("fp32", "fp64", "fast")
 ARCHIVES = ("reviewer", "full")
+REFERENCE_DEVICES = ("auto", "cpu", "cuda")  # where the reference and the fp64 oracle run (auto: the GPU if there is one)
 LLAMA_DEVICES = ("cpu", "cuda")  # where llama.cpp runs: all on the CPU, or every layer offloaded to CUDA
 ENGINES = ("llama.cpp",)  # candidates that are whole engines, judged by notebook 10 instead of 01-06, 08, 09
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -53,6 +54,8 @@ class RunConfig:
     corpus: str = _param("", "notebook 09: a UTF-8 text file (default: Python standard library sources)")
     corpus_tokens: int = _param(4096, "notebook 09: how many corpus tokens (whole windows of 512)")
     jobs: int = _param(0, "notebooks run at once (0: one on a CPU-only machine, up to four on a GPU host)")
+    reference_device: str = _param("auto", "where the reference (fp32, no TF32) and the fp64 oracle run: auto (the "
+                                           "GPU on a GPU host, else the CPU) | cpu | cuda")
     llama_device: str = _param("cpu", "llama.cpp only: cpu | cuda (every layer on the GPU; needs a CUDA build, "
                                       "make engines CUDA=1)")
 
@@ -123,6 +126,7 @@ def validate(cfg: RunConfig, need_model: bool = True) -> None:
     _check_engine(cfg)
     if cfg.recipe not in RECIPES:
         raise WorkbookError(f"RECIPE={cfg.recipe!r} is unknown; choose one of {', '.join(RECIPES)}.")
+    reference_device(cfg.reference_device)  # an unknown device, or cuda without a GPU, is refused here
     if cfg.accumulate not in ACCUMULATIONS:
         raise WorkbookError(f"ACCUMULATE={cfg.accumulate!r} is unknown; choose one of {', '.join(ACCUMULATIONS)}.")
     if not (isinstance(cfg.threshold, float) and math.isfinite(cfg.threshold) and 0 < cfg.threshold <= 1):
@@ -178,3 +182,17 @@ def check_backend_runs_here(backend: str, recipe: str, llama_device: str = "cpu"
         te_preflight(recipe)
         return
     make_backend(backend, recipe=recipe, quiet=True)
+
+
+def reference_device(name: str = RunConfig.reference_device) -> str:
+    """The device the reference and the fp64 oracle run on: `auto` is the GPU where torch sees one."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise WorkbookError("REFERENCE_DEVICE=cuda needs a CUDA GPU and torch sees none here; use REFERENCE_DEVICE=cpu "
+                            "(or auto).")
+    if name not in REFERENCE_DEVICES:
+        raise WorkbookError(f"REFERENCE_DEVICE={name!r} is unknown; choose one of {', '.join(REFERENCE_DEVICES)}.")
+    return name

@@ -112,7 +112,7 @@ def measure(reference, candidate, ids: list[int], n_ctx: int = N_CTX, desc: str 
     out = PositionStats()
     for window, rel, absolute in tqdm(list(scored_windows(ids, n_ctx)), desc=desc):
         rows = slice(rel[0], rel[-1] + 1)  # logits of the scored half only: half the lm_head, half the memory
-        ref = reference.prefill(window, logits_for=rows)
+        ref = reference.prefill(window, logits_for=rows).cpu()
         cand = candidate.prefill(window, logits_for=rows).cpu()
         nxt = torch.tensor([window[i + 1] for i in rel])
         for c in range(0, len(rel), SCORE_CHUNK):  # float64 log-softmax a few rows at a time: bounded memory

@@ -153,7 +153,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
     S = k.shape[1]
     mask = causal_mask(S, T, start, q.device) if mask is None else mask
-    if q.is_cuda and T >= FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16:
+    if q.is_cuda and T >= FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16 and q.dtype != torch.float64:  # no fp64 kernel
         return fused_attention(q, k, v, mask, 1 / math.sqrt(hd) if scale is None else scale)
     scores = q @ k.transpose(1, 2)  # (H, T, S)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
@@ -280,7 +280,8 @@ class Qwen2Model:
         self.options = options or ForwardOptions()
         if keep_weights is None:  # keep when the dequantized weights take under a third of what is available
             keep_weights = self._fp32_weight_bytes() * (dtype.itemsize / 4) < available_memory() / 3
-        share = weights is not None and weights.dtype == dtype
+        # an fp32 store serves an fp64 model as well: every weight is an fp32 value, widened exactly where it is used
+        share = weights is not None and (weights.dtype == dtype or dtype == torch.float64)
         self.weights = weights if share else WeightStore(gguf, dtype, keep_weights)
         self._small: dict[str, torch.Tensor] = {}  # norms and biases on the model's device
         # on the GPU: static K/V caches, and untapped forwards of a repeated shape replayed as CUDA graphs
@@ -310,7 +311,7 @@ class Qwen2Model:
         """A norm weight or bias on the model's device (kept: they are tiny)."""
         t = self._small.get(name)
         if t is None:
-            t = self._small[name] = self.weights.get(name).to(self.device)
+            t = self._small[name] = self.weights.get(name).to(self.device, self.dtype)
         return t
 
     def _linear(self, x: torch.Tensor, weight: str, bias: str | None, key: str) -> torch.Tensor:

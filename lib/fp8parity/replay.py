@@ -162,7 +162,7 @@ class Replayer:
             w, b, key = m._w(TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT), None, "lm_head"
         else:
             _, kind, has_bias = GEMM_OPS[op]
-            b = m.small(tensor_name(kind, layer, "bias")) if has_bias else None
+            b = m.weights.get(tensor_name(kind, layer, "bias")) if has_bias else None
             w, key = m._w(tensor_name(kind, layer)), f"{layer}.{op}"
         if cand is not None:
             return self.twin.linear_near(x, w, b, key, cand)
@@ -183,7 +183,7 @@ class Replayer:
             x = _rows(tr, src[0], src[1], ps)
             w = {"attn_norm": tensor_name(MODEL_TENSOR.ATTN_NORM, layer), "ffn_norm": tensor_name(MODEL_TENSOR.FFN_NORM, layer),
                  FINAL_NORM: OUTPUT_NORM}[op]
-            return None if x is None else rms_norm(x, m.small(w).to(dt), cfg.rms_eps)
+            return None if x is None else rms_norm(x, m.weights.get(w).to(dt), cfg.rms_eps)
         if op in GEMM_OPS or op == LOGITS:
             x = _rows(tr, FINAL_NORM if op == LOGITS else GEMM_OPS[op][0], layer, ps)
             cand = _rows(tr, op, layer, ps) if hasattr(self.twin, "linear_near") else None

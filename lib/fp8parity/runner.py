@@ -73,7 +73,8 @@ def notebook_parameters(cfg: RunConfig, run: Path) -> dict:
             "CAPSULE": str(Path(cfg.capsule).resolve()) if cfg.capsule else "",
             "CANDIDATE_TRACE": str(Path(cfg.candidate_trace).resolve()) if cfg.candidate_trace else "",
             "ARCHIVE": cfg.archive, "CORPUS": str(Path(cfg.corpus).resolve()) if cfg.corpus else "",
-            "CORPUS_TOKENS": cfg.corpus_tokens, "LLAMA_DEVICE": cfg.llama_device}
+            "CORPUS_TOKENS": cfg.corpus_tokens, "LLAMA_DEVICE": cfg.llama_device,
+            "REFERENCE_DEVICE": cfg.reference_device}
 
 
 def declared(notebook: Path, params: dict) -> dict:
@@ -107,16 +108,38 @@ def execute(nb: Path, run: Path, params: dict, quiet: bool) -> tuple[float, str 
     return seconds, error
 
 
+# What one notebook holds on the GPU, per byte of the model's fp32 weights: the reference's fp32 copy (when it runs
+# there) and the candidate's (te keeps an fp32 parameter beside its FP8 copy; torch-fp8 an E4M3 copy; bf16 half).
+CANDIDATE_GPU_SHARE = {"te": 1.25, "torch-fp8": 0.25, "bf16": 0.5}
+GPU_HEADROOM = 0.8  # of the card's memory: activations, the K/V caches, CUDA graphs' pools, the allocator's slack
+
+
+def gpu_bytes_per_notebook(cfg: RunConfig, fp32_weight_bytes: int) -> int:
+    from fp8parity.backends.factory import auto_choice
+    from fp8parity.config import reference_device
+
+    backend = auto_choice() if cfg.backend == "auto" else cfg.backend
+    share = CANDIDATE_GPU_SHARE.get(backend, 0.0) + (reference_device(cfg.reference_device) == "cuda")
+    return int(share * fp32_weight_bytes) + 2**30
+
+
 def jobs_here(cfg: RunConfig) -> int:
     """How many notebooks run at once: JOBS, or by default one on a CPU-only machine (each notebook holds the model;
-    a 2-core VM gains nothing) and up to four on a GPU host, one per 4 cores."""
+    a 2-core VM gains nothing) and up to four on a GPU host, one per 4 cores, as many as the card holds (a 7B's
+    fp32 reference and te candidate take 68 GB a notebook)."""
     if cfg.jobs:
         return cfg.jobs
     import os
 
     import torch
 
-    return max(1, min(4, (os.cpu_count() or 1) // 4)) if torch.cuda.is_available() else 1
+    if not torch.cuda.is_available():
+        return 1
+    from fp8parity.gguf_file import GGUFModel
+
+    fp32_bytes = sum(int(t.n_elements) * 4 for t in GGUFModel(cfg.model).tensors.values())
+    fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // gpu_bytes_per_notebook(cfg, fp32_bytes))
+    return max(1, min(4, (os.cpu_count() or 1) // 4, fit))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """What every notebook opens first: the model, its tokenizer, the reference, the candidate and the fp64 oracle.
 
-The reference is the CPU fp32 forward; the candidate is the same forward with the chosen linear backend
-(and a fault, if one is injected); the oracle is the fp64 CPU forward that judges both.
+The reference is the fp32 forward (on the GPU of a GPU host, without TF32; else on the CPU); the candidate is the
+same forward with the chosen linear backend (and a fault, if one is injected); the oracle is the fp64 forward that
+judges both, on the reference's device.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fp8parity.backends import make_backend
-from fp8parity.config import RunConfig
+from fp8parity.backends import ReferenceBackend, make_backend
+from fp8parity.config import RunConfig, reference_device
 from fp8parity.errors import WorkbookError
 from fp8parity.faults import Fault, get_fault
 from fp8parity.gguf_file import GGUFModel
@@ -36,7 +37,8 @@ class Workbench:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ref_opts = self.fault.forward_options() if self.fault.side == "reference" else ForwardOptions()
         cand_opts = self.fault.forward_options() if self.fault.side == "candidate" else ForwardOptions()
-        self.reference = Qwen2Model(self.gguf, options=ref_opts)
+        self.reference_device = reference_device(cfg.reference_device)
+        self.reference = Qwen2Model(self.gguf, backend=ReferenceBackend(self.reference_device), options=ref_opts)
         recipe = self.fault.recipe or cfg.recipe
         backend_opts = dict(self.fault.backend_options)
         granularity = backend_opts.pop("granularity", None)
@@ -54,9 +56,12 @@ class Workbench:
 
     @property
     def oracle(self) -> Qwen2Model:
-        """fp64 CPU forward, weights streamed (a second fp64 copy of the weights would double memory)."""
+        """fp64 forward on the reference's device, weights streamed (a second fp64 copy would double memory): on the
+        CPU dequantized again each forward, on a GPU widened from the reference's fp32 weights (the same values)."""
         if self._oracle is None:
-            self._oracle = Qwen2Model(self.gguf, dtype=torch.float64, keep_weights=False)
+            backend = ReferenceBackend(self.reference_device, keep=False)
+            weights = self.reference.weights if self.reference_device == "cuda" else None
+            self._oracle = Qwen2Model(self.gguf, backend=backend, dtype=torch.float64, keep_weights=False, weights=weights)
         return self._oracle
 
     def use_engine(self, engine) -> None:
@@ -76,6 +81,7 @@ class Workbench:
         return {
             "model": self.gguf.config.name, "model_file": str(self.gguf.path), "model_sha256": self.gguf.sha256,
             "backend": self.engine or self.backend.describe(), "recipe": self.fault.recipe or self.cfg.recipe,
+            "reference": self.reference.backend.describe(),
             "fault": self.fault.name, "threshold": self.cfg.threshold, "prompts": self.prompts,
             "machine": machine(), "versions": versions(), "resources": resources(),
         }
@@ -87,6 +93,8 @@ class Workbench:
                  f"**candidate backend** {b.get('name')} — recipe `{p['recipe']}`"
                  + (f", granularity `{b['granularity']}`" if "granularity" in b else "")
                  + (f", accumulate `{b['accumulate']}`" if "accumulate" in b else ""),
+                 f"**reference** fp32 on `{p['reference']['device']}`"
+                 + (" (no TF32)" if p["reference"]["device"] != "cpu" else "") + ", fp64 oracle on the same device",
                  f"**fault injected** `{p['fault']}`   **threshold** {p['threshold']}",
                  f"**card** {p['machine']['card'] or 'none (CPU only)'}   **host** {p['machine']['host']}"
                  f" ({p['machine']['threads']} threads)",

@@ -52,12 +52,57 @@ class LinearBackend:
 
 
 class ReferenceBackend(LinearBackend):
-    """x @ w.T + b in the activations' dtype (fp32 or fp64) on the CPU: the trusted side."""
+    """x @ w.T + b in the activations' dtype (fp32 or fp64): the trusted side, on the CPU or a GPU.
+
+    On a GPU, fp32 GEMMs run without TF32 (full fp32 products and sums, as on the CPU; only the summation order differs)
+    and, with `keep`, each weight is moved to the device once; an fp64 oracle streams its weights instead (`keep=False`:
+    a 7B's fp64 copy would take 60 GB of the card)."""
 
     name = "reference"
 
+    def __init__(self, device: str | torch.device = "cpu", keep: bool = True):
+        super().__init__()
+        self.device = torch.device(device)
+        self.keep = keep and self.device.type == "cuda"
+        self._w: dict[str, torch.Tensor] = {}
+        if self.device.type == "cuda":
+            no_tf32()
+            self.graph_safe = self.keep  # device work only (a streamed weight's host copy could not be captured)
+
+    def holds(self, key):
+        return key in self._w
+
+    def forward_context(self):
+        if self.device.type == "cuda":
+            check_no_tf32()
+        return contextlib.nullcontext()
+
     def linear(self, x, w, b, key):
-        return F.linear(x, w.to(x.device, x.dtype), None if b is None else b.to(x.device, x.dtype))
+        if key in self._w:
+            w = self._w[key]
+        else:
+            w = w.to(x.device, x.dtype)
+            if self.keep:
+                self._w[key] = w
+        return F.linear(x, w, None if b is None else b.to(x.device, x.dtype))
+
+    def describe(self):
+        out = super().describe()
+        return out | ({"tf32": torch.backends.cuda.matmul.allow_tf32} if self.device.type == "cuda" else {})
+
+
+def no_tf32() -> None:
+    """fp32 matmuls in full fp32 on a GPU (torch's default; set explicitly, since the setting is process-wide)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def check_no_tf32() -> None:
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        from fp8parity.errors import WorkbookError
+
+        raise WorkbookError("something in this process turned TF32 on for fp32 matmuls, which the GPU reference may not "
+                            "use; turn it off (torch.backends.cuda.matmul.allow_tf32 = False) or use REFERENCE_DEVICE=cpu.")
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ def measure_a(wb: Workbench, runs: int = 5, ids: list[int] | None = None) -> Rep
     """`runs` candidate forwards of the same input, hashed; one reference forward."""
     ids = ids if ids is not None else wb.prompt_ids()
     wb.prepare_candidate(ids)
-    ref = wb.reference.prefill(ids, logits_for="last")[-1]
+    ref = wb.reference.prefill(ids, logits_for="last")[-1].cpu()
     cand = [wb.candidate.prefill(ids, logits_for="last")[-1].cpu() for _ in tqdm(range(runs), desc="stage A runs")]
     return ReproducerResult(ids, [metrics.fnv1a64(c) for c in cand], metrics.fnv1a64(ref), ref, cand[0],
                             metrics.affine_fit(cand[0], ref))

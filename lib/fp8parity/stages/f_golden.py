@@ -34,7 +34,7 @@ def first_divergence(wb: Workbench, ids: list[int], golden: list[int], out: list
     i = next((k for k, (a, b) in enumerate(zip(golden, out, strict=False)) if a != b), min(len(golden), len(out)))
     if i >= min(len(golden), len(out)):  # one stopped where the other went on: never a near-tie
         return NO_DIVERGENCE | {"diverged_at": i, "divergence": "length"}
-    ref = wb.reference.generation_logits(ids, golden[:i], max_new_tokens).double()
+    ref = wb.reference.generation_logits(ids, golden[:i], max_new_tokens).double().cpu()
     cand = wb.candidate.generation_logits(ids, golden[:i], max_new_tokens).double().cpu()
     diff = cand - ref
     noise = float((diff - diff.mean()).pow(2).mean().sqrt())
