@@ -48,18 +48,22 @@ def _taps(model: Qwen2Model, ids: list[int], path: str) -> dict:
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("path", ["prefill", "decode"])
-def test_gpu_reference_equals_the_cpu_reference_at_every_tap(tiny, path):
+def test_gpu_reference_is_as_close_to_fp64_as_the_cpu_reference(tiny, path):
     ids = GGUFTokenizer(tiny).chat_ids("Write a Python function that reverses a string.")
     cpu = _taps(Qwen2Model(tiny), ids, path)
     gpu_model = Qwen2Model(tiny, backend=ReferenceBackend("cuda"))
     gpu = _taps(gpu_model, ids, path)
+    fp64 = Qwen2Model(tiny, dtype=torch.float64).run(ids, path)
     assert not torch.backends.cuda.matmul.allow_tf32 and gpu_model.backend.describe()["tf32"] is False
     assert cpu.keys() == gpu.keys()
     worst = max(metrics.rel_l2(gpu[k], cpu[k]) for k in cpu)
-    logits = max(metrics.rel_l2(gpu[k], cpu[k]) for k in cpu if k[2] == "logits")
-    print(f"{path}: GPU vs CPU reference, worst tap rel. L2 {worst:.2e}, logits {logits:.2e}")
-    assert max(float(t.abs().max()) for k, t in cpu.items() if k[2] == "logits") > 0.1, "never on zeros"
-    assert worst < 1e-5 and logits < 1e-6  # fp32 rounding in another summation order (TF32 would be ~1e-3)
+    logits = {side: torch.stack([t[(p, -1, "logits")] for p in range(len(ids))]) for side, t in (("cpu", cpu), ("gpu", gpu))}
+    to64 = {side: metrics.rel_l2(v, fp64) for side, v in logits.items()}
+    print(f"{path}: GPU vs CPU reference, worst tap rel. L2 {worst:.2e}; logits vs fp64: CPU {to64['cpu']:.2e}, "
+          f"GPU {to64['gpu']:.2e}")
+    assert float(fp64.abs().max()) > 0.1, "never on zeros"
+    # fp32 rounding in another summation order: each side ~2e-6 from fp64 (TF32 would put the GPU at ~1e-3)
+    assert worst < 1e-5 and to64["gpu"] < 2 * to64["cpu"] + 1e-7
 
 
 @pytest.mark.gpu
@@ -72,8 +76,10 @@ def test_gpu_oracle_is_fp64_and_judges_the_gpu_reference(tiny_path, tmp_path):
     ref32 = wb.reference.prefill(ids).cpu()
     assert wb.oracle.device.type == "cuda" and gpu64.dtype == torch.float64
     print(f"fp64 GPU vs CPU {metrics.rel_l2(gpu64, cpu64):.2e}; fp32 GPU reference vs fp64 {metrics.rel_l2(ref32, gpu64):.2e}")
-    assert metrics.rel_l2(gpu64, cpu64) < 1e-12
-    assert metrics.rel_l2(ref32, gpu64) < 1e-6
+    # not 1e-15: the RoPE tables are fp32 on both devices (as transformers makes them), and CUDA's cos/sin differ from
+    # the CPU's by an ulp (6.8e-8, the rope floor's GPU measurement); still 40x under the fp32 reference's distance
+    assert metrics.rel_l2(gpu64, cpu64) < 2e-7
+    assert metrics.rel_l2(ref32, gpu64) < 1e-5 and metrics.rel_l2(gpu64, cpu64) < metrics.rel_l2(ref32, gpu64) / 10
 
 
 def test_a_gpu_host_runs_as_many_notebooks_at_once_as_the_card_holds(tiny_path, monkeypatch):
