@@ -88,6 +88,8 @@ if CANDIDATE_TRACE:
 else:
     result = stages.measure_b(wb, paths=PATHS, reference_traces=ARCHIVE == "full")
 top = result.local.sort_values("times_floor", ascending=False)
+if not CANDIDATE_TRACE:
+    display(Markdown("Where the measurement's time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())))
 display(Markdown(f"Replayed against the twin **{result.twin.label()}**: {len(result.local)} (prompt, path, layer, op) "
                  f"entries; the op nearest its floor is {top.op.iloc[0]} of layer {top.layer.iloc[0]} at "
                  f"{top.times_floor.iloc[0]:.2f}× its floor."))

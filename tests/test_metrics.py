@@ -97,3 +97,13 @@ def test_the_batched_row_metrics_equal_the_row_by_row_ones():
         for name, value in one.items():
             got = batch[name][i]
             assert (math.isnan(value) and math.isnan(got)) or got == pytest.approx(value, rel=1e-12, abs=1e-300), (i, name)
+
+
+def test_fnv1a64_rows_hashes_each_row_as_fnv1a64_does():
+    """Rows of one length are hashed side by side (numpy, wrapping uint64); each must equal the sequential hash."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(896, generator=g) for _ in range(12)] + [torch.randn(40, generator=g) for _ in range(3)]
+    rows.append(torch.tensor([1.0, -0.0, float("inf")]))
+    got = metrics.fnv1a64_rows(rows)
+    assert got == [metrics.fnv1a64(r) for r in rows]
+    assert len(set(got)) == len(rows)

@@ -80,6 +80,32 @@ def fnv1a64(x) -> str:
     return f"{h:016x}"
 
 
+def fnv1a64_rows(rows: list) -> list[str]:
+    """fnv1a64 of each row; rows of one length hashed side by side (numpy's uint64 arithmetic wraps modulo 2**64, as
+    the hash does), so many short rows cost one pass over their bytes, not one Python loop each."""
+    out: list[str | None] = [None] * len(rows)
+    data = [torch.as_tensor(r).detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes() for r in rows]
+    by_length: dict[int, list[int]] = {}
+    for i, d in enumerate(data):
+        by_length.setdefault(len(d), []).append(i)
+    for length, idx in by_length.items():
+        if len(idx) < 8:  # a few long rows (logits): the plain loop is faster than numpy's per-byte overhead
+            for i in idx:
+                out[i] = fnv1a64(rows[i])
+            continue
+        # byte j of every row side by side in memory: one contiguous row of `cols` per step
+        cols = np.frombuffer(b"".join(data[i] for i in idx), dtype=np.uint8).reshape(len(idx), length).T.astype(np.uint64)
+        h = np.full(len(idx), FNV_OFFSET, dtype=np.uint64)
+        prime = np.uint64(FNV_PRIME)
+        with np.errstate(over="ignore"):
+            for col in cols:
+                np.bitwise_xor(h, col, out=h)
+                np.multiply(h, prime, out=h)
+        for i, v in zip(idx, h.tolist(), strict=True):
+            out[i] = f"{v:016x}"
+    return out
+
+
 @dataclass
 class AffineFit:
     """candidate ~ slope * reference + intercept by ordinary least squares over all elements."""

@@ -97,14 +97,18 @@ def parity_report(table: pd.DataFrame, model: str, positions: list[int], thresho
 def layer_jsons(rows: pd.DataFrame, reference: dict[TapKey, torch.Tensor],
                 candidate: dict[TapKey, torch.Tensor]) -> list[dict]:
     """Stage B's spec schema, one record per (layer, op) at its worst position (checksums: FNV-1a-64)."""
-    from fp8parity.metrics import fnv1a64
+    from fp8parity.metrics import fnv1a64_rows
 
-    out = []
+    out, worst = [], []
     m = rows[rows.status == MEASURED]
     for (layer, op), g in m.groupby(["layer", "op"], sort=False):
         w = g.loc[g.cosine.fillna(-math.inf).idxmin()]
+        worst.append((int(w.position), int(layer), op))
         out.append({"layer_idx": int(layer), "op": op, "position": int(w.position),
-                    "cpu_checksum": fnv1a64(reference[(int(w.position), int(layer), op)]),
-                    "gpu_checksum": fnv1a64(candidate[(int(w.position), int(layer), op)]),
                     "cosine": None if math.isnan(w.cosine) else float(w.cosine), "max_abs_diff": float(w.max_abs)})
+    sums = fnv1a64_rows([reference[k] for k in worst] + [candidate[k] for k in worst])
+    for i, rec in enumerate(out):  # the keys in the order the spec's schema lists them
+        out[i] = {k: rec[k] for k in ("layer_idx", "op", "position")} | {
+            "cpu_checksum": sums[i], "gpu_checksum": sums[len(worst) + i],
+            "cosine": rec["cosine"], "max_abs_diff": rec["max_abs_diff"]}
     return out

@@ -3,7 +3,9 @@ next to the global view: per-(layer, op) cosine and relative error against the r
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -43,6 +45,22 @@ class ParityResult:
     drift: list[dict]  # per prompt: prefill logits' rel. L2 to the reference, candidate and twin end to end
     oracle: dict  # both sides against fp64 (prefill of the first prompt)
     reports: dict[str, dict] = field(default_factory=dict)  # the spec's parity JSON per prompt and path
+    seconds: dict[str, float] = field(default_factory=dict)  # where the measurement's time went, per phase
+
+
+class _Phases:
+    """Wall seconds per phase, summed over prompts and paths (what a slow stage B spends its time on)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 2)
 
 
 def _save_evidence(wb: Workbench, name: str, ref: dict, cand: dict, rows: pd.DataFrame, report: dict,
@@ -84,6 +102,7 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
     prompts = list(range(len(wb.prompts))) if prompts is None else prompts
     spec = candidate_twin(wb)
     tables, locals_, reports, drift, rp, fp, first_prefill = [], [], {}, [], None, None, {}
+    phase = _Phases()
     for i in tqdm(prompts, desc="stage B prompts"):
         ids = wb.prompt_ids(i)
         wb.prepare_candidate(ids)
@@ -95,24 +114,34 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
         elif scales:  # a delayed-calibrated twin replays the scales the candidate settled on for this prompt
             twin_backend.input_scales = dict(scales)
         for path in paths:
-            ref, cand = record(wb.reference, ids, path), record(wb.candidate, ids, path)
-            if save_traces:
-                _save_traces(wb, i, path, ids, ref, cand, spec, scales, reference_traces)
-            rows = parity.compare_traces(ref, cand, wb.cfg.threshold)
-            table = parity.per_op(rows)
+            with phase("reference forward"):
+                ref = record(wb.reference, ids, path)
+            with phase("candidate forward"):
+                cand = record(wb.candidate, ids, path)
+            with phase("saving evidence"):
+                if save_traces:
+                    _save_traces(wb, i, path, ids, ref, cand, spec, scales, reference_traces)
+            with phase("comparing to the reference"):
+                rows = parity.compare_traces(ref, cand, wb.cfg.threshold)
+                table = parity.per_op(rows)
             name = f"prompt{i}-{path}"
             reports[name] = parity.parity_report(table, wb.gguf.config.name, list(range(len(ids))), wb.cfg.threshold)
-            local = replay.local_table(rp.replay(cand, path, ids))
-            _save_evidence(wb, name, ref, cand, rows, reports[name], local)
-            fp = replay.fingerprint(wb.reference, cand, path, ids, scales) if fp is None else fp
+            with phase("replay by the twin"):
+                local = replay.local_table(rp.replay(cand, path, ids))
+            with phase("saving evidence"):
+                _save_evidence(wb, name, ref, cand, rows, reports[name], local)
+            with phase("fingerprint"):
+                fp = replay.fingerprint(wb.reference, cand, path, ids, scales) if fp is None else fp
             if path == "prefill":
                 first_prefill = first_prefill or {"reference": ref, "candidate": cand}
-                drift.append(_logits_drift(i, ids, ref, cand, twin_model))
+                with phase("twin end to end"):
+                    drift.append(_logits_drift(i, ids, ref, cand, twin_model))
             tables.append(_tag(table, i, path))
             locals_.append(_tag(local, i, path))
-    oracle = measure_oracle(wb, wb.prompt_ids(prompts[0]), first_prefill)
+    with phase("fp64 oracle"):
+        oracle = measure_oracle(wb, wb.prompt_ids(prompts[0]), first_prefill)
     return ParityResult(spec, rp.floors, list(paths), prompts, pd.concat(tables, ignore_index=True),
-                        pd.concat(locals_, ignore_index=True), fp, drift, oracle, reports)
+                        pd.concat(locals_, ignore_index=True), fp, drift, oracle, reports, phase.seconds)
 
 
 @dataclass(frozen=True)
