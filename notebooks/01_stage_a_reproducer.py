@@ -38,7 +38,7 @@ ACCUMULATE = D.accumulate  # emulated-fp8 only: fp32 | fp64 | fast (a model of H
 PROMPTS = D().judged_prompts()  # chat prompts (template from the GGUF)
 THRESHOLD = D.threshold  # the spec's cosine rule, in (0, 1]
 FAULT = D.fault  # inject a catalogued fault into one side (fp8parity.faults.CATALOGUE)
-REFERENCE_DEVICE = D.reference_device  # auto (the GPU on a GPU host) | cpu | cuda: reference, fp64 oracle, twin
+REFERENCE_DEVICE = D.reference_device  # auto (the GPU on a GPU host) | cpu | cuda: where reference and fp64 oracle run
 RUN_DIR = INTERACTIVE_RUN_DIR  # where verdicts, traces and figures go
 RUNS = 5  # candidate runs hashed
 

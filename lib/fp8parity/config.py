@@ -22,7 +22,7 @@ INTERACTIVE_RUN_DIR = str(REPO_ROOT / "runs" / "interactive")  # where a noteboo
 PATHS = ("prefill", "decode")
 ACCUMULATIONS = ("fp32", "fp64", "fast")
 ARCHIVES = ("reviewer", "full")
-REFERENCE_DEVICES = ("auto", "cpu", "cuda")  # where the reference, the fp64 oracle and the twin run (auto: a GPU if any)
+REFERENCE_DEVICES = ("auto", "cpu", "cuda")  # where the reference and the fp64 oracle run (auto: the GPU if there is one)
 LLAMA_DEVICES = ("cpu", "cuda")  # where llama.cpp runs: all on the CPU, or every layer offloaded to CUDA
 ENGINES = ("llama.cpp",)  # candidates that are whole engines, judged by notebook 10 instead of 01-06, 08, 09
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -54,8 +54,8 @@ class RunConfig:
     corpus: str = _param("", "notebook 09: a UTF-8 text file (default: Python standard library sources)")
     corpus_tokens: int = _param(4096, "notebook 09: how many corpus tokens (whole windows of 512)")
     jobs: int = _param(0, "notebooks run at once (0: one on a CPU-only machine, up to four on a GPU host)")
-    reference_device: str = _param("auto", "where the reference (fp32, no TF32), the fp64 oracle and stage B's twin "
-                                           "run: auto (the GPU on a GPU host, else the CPU) | cpu | cuda")
+    reference_device: str = _param("auto", "where the reference (fp32, no TF32) and the fp64 oracle run: auto (the "
+                                           "GPU on a GPU host, else the CPU) | cpu | cuda")
     llama_device: str = _param("cpu", "llama.cpp only: cpu | cuda (every layer on the GPU; needs a CUDA build, "
                                       "make engines CUDA=1)")
 

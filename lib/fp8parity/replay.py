@@ -120,9 +120,9 @@ def groups(path: str, positions: list[int]) -> list[list[int]]:
 
 
 def _rows_of(trace: dict[TapKey, torch.Tensor], op: str, layer: int, ps: list[int],
-          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor | None:
+          dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     try:
-        return torch.stack([trace[(p, layer, op)] for p in ps]).to(device, dtype)
+        return torch.stack([trace[(p, layer, op)] for p in ps]).to(dtype)
     except KeyError:
         return None
 
@@ -137,8 +137,8 @@ def _row_errors(cand: torch.Tensor, twin: torch.Tensor) -> dict[str, np.ndarray]
         ratio = torch.where(nt > 0, nc / nt, torch.where(nc > 0, math.inf, 1.0))
     finite = torch.isfinite(c).all(1)
     rel = torch.where(finite, rel, math.inf)  # a non-finite output is never within any floor
-    out = torch.stack([rel, torch.where(finite, cos, math.nan), ratio, (c - t).abs().amax(1)]).cpu().numpy()
-    return dict(zip(("rel_l2", "cosine", "norm_ratio", "max_abs"), out, strict=True))
+    return {"rel_l2": rel.numpy(), "cosine": torch.where(finite, cos, math.nan).numpy(),
+            "norm_ratio": ratio.numpy(), "max_abs": (c - t).abs().amax(1).numpy()}
 
 
 class Replayer:
@@ -148,7 +148,6 @@ class Replayer:
     def __init__(self, model: Qwen2Model, twin, gemm_class: str, floors: dict[str, Floor] | None = None,
                  dtype: torch.dtype = torch.float32):
         self.model, self.twin, self.gemm_class, self.dtype = model, twin, gemm_class, dtype  # float64: the exact op
-        self.device = torch.device(getattr(twin, "device", "cpu"))  # where the twin computes, the whole replay does
         self.floors = FLOORS if floors is None else floors
         self.cfg = model.cfg
 
@@ -171,20 +170,20 @@ class Replayer:
 
     def _recompute(self, op: str, layer: int, ps: list[int], tr, ids: list[int] | None) -> torch.Tensor | None:
         """The twin's output of `op` at positions `ps` (one forward), from the candidate's traced inputs."""
-        cfg, m, dt, dev = self.cfg, self.model, self.dtype, self.device
+        cfg, m, dt = self.cfg, self.model, self.dtype
         hd, T = cfg.head_dim, len(ps)
-        _rows = partial(_rows_of, dtype=dt, device=dev)
+        _rows = partial(_rows_of, dtype=dt)
 
         prev = (EMBEDDING, GLOBAL_LAYER) if layer == 0 else ("post_ffn_residual", layer - 1)
         if op == EMBEDDING:
-            return None if ids is None else m.gguf.rows(TOKEN_EMBD, [ids[p] for p in ps]).to(dev, dt)
+            return None if ids is None else m.gguf.rows(TOKEN_EMBD, [ids[p] for p in ps]).to(dt)
         if op in NORM_OPS:
             src = {"attn_norm": prev, "ffn_norm": ("post_attn_residual", layer),
                    FINAL_NORM: ("post_ffn_residual", cfg.n_layers - 1)}[op]
             x = _rows(tr, src[0], src[1], ps)
             w = {"attn_norm": tensor_name(MODEL_TENSOR.ATTN_NORM, layer), "ffn_norm": tensor_name(MODEL_TENSOR.FFN_NORM, layer),
                  FINAL_NORM: OUTPUT_NORM}[op]
-            return None if x is None else rms_norm(x, m.weights.get(w).to(dev, dt), cfg.rms_eps)
+            return None if x is None else rms_norm(x, m.weights.get(w).to(dt), cfg.rms_eps)
         if op in GEMM_OPS or op == LOGITS:
             x = _rows(tr, FINAL_NORM if op == LOGITS else GEMM_OPS[op][0], layer, ps)
             cand = _rows(tr, op, layer, ps) if hasattr(self.twin, "linear_near") else None
@@ -194,7 +193,7 @@ class Replayer:
             if x is None:
                 return None
             tables = getattr(self.twin, "rope_tables", rope_tables)  # an engine's twin may form the angles its way
-            cos, sin = tables(torch.tensor(ps, device=dev), hd, cfg.rope_theta, dt, dev)
+            cos, sin = tables(torch.tensor(ps), hd, cfg.rope_theta, dt, "cpu")
             return apply_rope(x.view(T, -1, hd), cos, sin).reshape(T, -1)
         if op == "attention":
             q = _rows(tr, "q_post_rope", layer, ps)
@@ -237,7 +236,7 @@ class Replayer:
                 if twin is None:
                     out += [base | {"position": p, "status": "UNMEASURED"} for p in got]
                     continue
-                err = _row_errors(_rows_of(trace, op, L, got, device=self.device), twin)
+                err = _row_errors(_rows_of(trace, op, L, got), twin)
                 out += [base | {"position": p, "status": "measured"} | {k: float(v[i]) for k, v in err.items()}
                         for i, p in enumerate(got)]
         df = pd.DataFrame(out)
@@ -303,9 +302,8 @@ FINGERPRINT_LAYERS = (0, 1)  # the GEMMs of the first layers tell recipes apart;
 
 
 def fingerprint(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str, prompt_ids: list[int] | None = None,
-                input_scales: dict[str, float] | None = None, layers=FINGERPRINT_LAYERS, device: str = "cpu") -> pd.DataFrame:
-    """Which twin explains the trace's GEMMs best: one row per recipe tried, best (lowest mean local error) first;
-    the twins on `device` (llama.cpp's on the CPU)."""
+                input_scales: dict[str, float] | None = None, layers=FINGERPRINT_LAYERS) -> pd.DataFrame:
+    """Which twin explains the trace's GEMMs best: one row per recipe tried, best (lowest mean local error) first."""
     from fp8parity import twin
 
     layers = [L for L in layers if L < model.cfg.n_layers]
@@ -314,7 +312,7 @@ def fingerprint(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str,
         # recipes that differ only in the bias share one backend (and its quantized weights)
         key = (spec.arithmetic, spec.granularity)
         if key not in backends:
-            backends[key] = twin.make_twin(spec, input_scales, model.gguf, device)
+            backends[key] = twin.make_twin(spec, input_scales, model.gguf)
         backend = backends[key]
         if hasattr(backend, "bias_dtype"):
             backend.bias_dtype = spec.bias

@@ -1,8 +1,7 @@
 """A faithful twin of a candidate's declared recipe: how a correct implementation of that recipe computes a GEMM.
 
 Stage B replays every GEMM of the candidate's trace through its twin, on the candidate's own inputs. The twin
-runs on the CPU, or on the GPU of a GPU host (fp32 GEMMs without TF32: only the summation order differs), and
-always sums in fp32; what the candidate's accumulator (Hopper's fast accumulation, cuBLAS's
+runs on the CPU and always sums in fp32; what the candidate's accumulator (Hopper's fast accumulation, cuBLAS's
 reduction order) adds beyond that is what the noise floors of `fp8parity.replay` measure.
 
 A recipe is what the user asked for (backend, RECIPE, ACCUMULATE) plus what the backend documents it does
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fp8parity.backends.base import LinearBackend, ReferenceBackend, no_tf32
+from fp8parity.backends.base import LinearBackend, ReferenceBackend
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.errors import WorkbookError
 
@@ -88,27 +87,23 @@ class BF16Twin(LinearBackend):
 
     name = "bf16-twin"
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self):
         super().__init__()
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            no_tf32()
         self._w: dict[str, torch.Tensor] = {}
 
     def linear(self, x, w, b, key):
         wb = self._w.get(key)
         if wb is None:
-            wb = self._w[key] = w.to(self.device, torch.bfloat16).float()
-        y = x.to(self.device, torch.bfloat16).float() @ wb.t()
+            wb = self._w[key] = w.to(torch.bfloat16).float()
+        y = x.to(torch.bfloat16).float() @ wb.t()
         if b is not None:
-            y = y + b.to(self.device, torch.bfloat16).float()
+            y = y + b.to(torch.bfloat16).float()
         return y.to(torch.bfloat16).to(x.dtype)
 
 
-def make_twin(spec: TwinSpec, input_scales: dict[str, float] | None = None, gguf=None,
-              device: str = "cpu") -> LinearBackend:
+def make_twin(spec: TwinSpec, input_scales: dict[str, float] | None = None, gguf=None) -> LinearBackend:
     """The twin backend of `spec`; `input_scales` are the delayed-calibrated scales the candidate recorded; `gguf` the
-    model file (llama.cpp's twin needs each weight's type); `device` where it computes (llama.cpp's twins: the CPU)."""
+    model file (llama.cpp's twin needs each weight's type)."""
     if spec.arithmetic.startswith("ggml"):
         from fp8parity.engines.ggml_twin import GGMLCPUTwin, GGMLCUDATwin, weight_types
 
@@ -116,14 +111,14 @@ def make_twin(spec: TwinSpec, input_scales: dict[str, float] | None = None, gguf
             raise WorkbookError("llama.cpp's twin needs the model file to know each weight's type.")
         return GGMLCUDATwin(gguf) if spec.arithmetic == "ggml-cuda" else GGMLCPUTwin(weight_types(gguf))
     if spec.arithmetic == "fp32":
-        return ReferenceBackend(device)
+        return ReferenceBackend()
     if spec.arithmetic == "bf16":
-        return BF16Twin(device)
+        return BF16Twin()
     if spec.granularity == "delayed-calibrated" and not input_scales:
         raise WorkbookError("a delayed-calibrated twin needs the input scales the candidate used; its trace "
                             "records none (meta.json 'input_scales').")
     return EmulatedFP8Backend(spec.granularity, accumulate="fp32", bias_dtype=spec.bias, collect_stats=False,
-                              input_scales=input_scales, device=device)
+                              input_scales=input_scales)
 
 
 def fingerprint_specs(input_scales: dict[str, float] | None = None) -> list[TwinSpec]:

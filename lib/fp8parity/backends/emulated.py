@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fp8parity import fp8
-from fp8parity.backends.base import LinearBackend, no_tf32
+from fp8parity.backends.base import LinearBackend
 from fp8parity.config import RunConfig
 from fp8parity.errors import WorkbookError
 
@@ -36,11 +36,8 @@ class EmulatedFP8Backend(LinearBackend):
 
     def __init__(self, granularity: str = "tensor", accumulate: str = RunConfig.accumulate, output_dtype: str = "fp32",
                  bias_dtype: str = "fp32", stale_activation_cache: bool = False, collect_stats: bool = False,
-                 input_scales: dict[str, float] | None = None, device: str | torch.device = "cpu"):
+                 input_scales: dict[str, float] | None = None):
         super().__init__()
-        self.device = torch.device(device)  # a twin on a GPU host replays there, its fp32 sums without TF32
-        if self.device.type == "cuda":
-            no_tf32()
         self.collect_stats = collect_stats
         if granularity not in GRANULARITIES:
             raise WorkbookError(f"unknown FP8 granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}.")
@@ -69,10 +66,10 @@ class EmulatedFP8Backend(LinearBackend):
         if g in ("tensor", "batch-ftz"):
             return fp8.scale_from_amax(fp8.amax_tensor(x))
         if g == "delayed":
-            return torch.ones(1, 1, device=x.device)
+            return torch.ones(1, 1)
         if g == "delayed-calibrated":
             if key in self.input_scales:
-                return torch.tensor([[self.input_scales[key]]], dtype=torch.float32, device=x.device)
+                return torch.tensor([[self.input_scales[key]]], dtype=torch.float32)
             seen = self._amax_history.get(key)
             if self.calibrating or seen is None:
                 amax = fp8.amax_tensor(x) if seen is None else torch.maximum(fp8.amax_tensor(x), seen)
@@ -86,7 +83,7 @@ class EmulatedFP8Backend(LinearBackend):
         """Scale already expanded to w's layout where it is not a scalar."""
         g = self.granularity
         if g == "delayed":
-            return torch.ones(1, 1, device=w.device)
+            return torch.ones(1, 1)
         if g == "rowwise":
             return fp8.scale_from_amax(fp8.amax_rows(w))
         if g == "block":
@@ -96,16 +93,14 @@ class EmulatedFP8Backend(LinearBackend):
 
     def quantize_operands(self, x: torch.Tensor, w: torch.Tensor, key: str = "gemm"):
         """-> (xq, wq, sx, sw): e4m3 operands and quantization scales in the granularity's layout."""
-        x32 = x.to(self.device, torch.float32)
+        x32 = x.to(torch.float32)
         if key not in self._weights:
-            w32 = w.to(self.device, torch.float32)
+            w32 = w.to(torch.float32)
             swe = self._weight_scale(w32)
             wq = fp8.quantize(w32, swe)
             wstats = fp8.quant_stats(w32, swe, wq).to_dict() if self.collect_stats else {}  # once per weight
-            # kept as exact fp32 values on the CPU; as E4M3 bytes on a GPU (a 7B's fp32 copy would take 30 GB of the card)
-            self._weights[key] = (wq if self.device.type == "cuda" else wq.to(torch.float32), swe, wstats)
+            self._weights[key] = (wq.to(torch.float32), swe, wstats)
         wq, swe, wstats = self._weights[key]
-        wq = wq.to(torch.float32)  # exact: every E4M3 value is an fp32 value
         sx = self._input_scale(x32, key)
         sxe = fp8.expand_blocks(sx, 1, BLOCK, tuple(x32.shape)) if self.granularity == "block" else sx
         xq = fp8.quantize(x32, sxe, flush_subnormals=self.granularity == "batch-ftz")
@@ -132,7 +127,7 @@ class EmulatedFP8Backend(LinearBackend):
         if self.accumulate != "fast":
             return a @ b.t()
         K = a.shape[1]
-        total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+        total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
         c = self.fast_chunk
         for k in range(0, K, c):
             part = a[:, k:k + c] @ b[:, k:k + c].t()
@@ -156,7 +151,7 @@ class EmulatedFP8Backend(LinearBackend):
         y = self._gemm(xq, wq, sxe, swe)
         if b is not None:
             bias = b.to(torch.bfloat16) if self.bias_dtype == "bf16" else b
-            y = y + bias.to(y.device, y.dtype)
+            y = y + bias.to(y.dtype)
         if self.output_dtype == "fp16":
             y = y.to(torch.float16)  # #3728: values above 65504 become inf
         return y.to(x.dtype)

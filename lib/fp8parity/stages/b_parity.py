@@ -108,7 +108,7 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
         wb.prepare_candidate(ids)
         scales = wb.backend.used_input_scales()  # after calibration on this prompt: the scales the candidate uses now
         if rp is None:
-            twin_backend = twin.make_twin(spec, scales, device=wb.reference_device)  # on a GPU host: the GPU
+            twin_backend = twin.make_twin(spec, scales)
             rp = replay.Replayer(wb.reference, twin_backend, spec.gemm_class)
             twin_model = Qwen2Model(wb.gguf, backend=twin_backend, weights=wb.reference.weights)
         elif scales:  # a delayed-calibrated twin replays the scales the candidate settled on for this prompt
@@ -131,7 +131,7 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
             with phase("saving evidence"):
                 _save_evidence(wb, name, ref, cand, rows, reports[name], local)
             with phase("fingerprint"):
-                fp = replay.fingerprint(wb.reference, cand, path, ids, scales, device=wb.reference_device) if fp is None else fp
+                fp = replay.fingerprint(wb.reference, cand, path, ids, scales) if fp is None else fp
             if path == "prefill":
                 first_prefill = first_prefill or {"reference": ref, "candidate": cand}
                 with phase("twin end to end"):
