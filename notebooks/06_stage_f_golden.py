@@ -21,9 +21,11 @@
 # **Falsifier.** Each chat prompt generated greedily `RUNS` consecutive times on the candidate, with stop tokens read
 # from the GGUF (its eos id, plus `<|im_end|>` / `<|endoftext|>` where the vocabulary has them — never a hard-coded
 # id). Golden output = the reference's generation. **Pass:** every run equals the golden output, or leaves it only at a
-# near-tie: where both sides' top two tokens are the same two, swapped, and the reference's margin between them is
-# within 3 σ of what the candidate's logit noise (measured at that very step) does to a margin. The real cause of
-# the investigation's gibberish was generation *without* stop tokens: the cell after the verdict shows what that does.
+# near-tie: where the reference's margin between its token and the candidate's is within 3 σ of what a *correct*
+# implementation of the candidate's recipe (stage B's twin, `twin_noise`, measured at that very step) does to a
+# margin, whatever the tokens' ranks. The candidate's own noise (`logit_noise`) is shown, not trusted: a broken
+# candidate's would excuse its bug. The real cause of the investigation's gibberish was generation *without* stop
+# tokens: the cell after the verdict shows what that does.
 
 # %% tags=["parameters"]
 # Parameters: papermill overrides them; in JupyterLab change them here. Their defaults are defined once, in
@@ -62,7 +64,7 @@ result = stages.measure_f(wb, runs=RUNS, max_new_tokens=MAX_NEW_TOKENS)
 display(Markdown(f"**{int(result.runs.matches_golden.sum())} of {len(result.runs)}** runs reproduce the golden output; "
                  f"stop tokens {result.stop_ids} ({'used' if result.stop_tokens_used else 'NOT used'})."))
 result.runs[["prompt", "run", "output", "stop_reason", "matches_golden", "diverged_at", "ref_margin", "logit_noise",
-              "top_two_swapped"]]
+              "twin_noise", "top_two_swapped"]]
 
 # %% [markdown]
 # ## The rule

@@ -97,7 +97,7 @@ result_f = stages.measure_f(wb, runs=RUNS, max_new_tokens=MAX_NEW_TOKENS)
 verdict_f = stages.judge_f(result_f, stages.GoldenRule())
 display(Markdown(verdict_f.markdown()))
 result_f.runs[["prompt", "run", "output", "stop_reason", "matches_golden", "diverged_at", "ref_margin", "logit_noise",
-              "top_two_swapped"]]
+              "twin_noise", "top_two_swapped"]]
 
 # %%
 for verdict in (verdict_a, verdict_b, verdict_c, cascade.unmeasured("D"), cascade.unmeasured("E"), verdict_f):

@@ -150,15 +150,39 @@ def test_stage_f_forgives_a_near_tie_and_nothing_else():
     assert judge(match, length).status == stages.FAIL
     assert judge(match, tie | {"logit_noise": 0.001}).status == stages.FAIL  # the same margin on a quiet candidate
     assert judge(match, tie | {"top_two_swapped": False}).status == stages.FAIL  # not the runner-up: not a tie
+    # With a twin (the workbook's own candidates) its noise decides, whatever the ranks; the candidate's own does not
+    twin = tie | {"top_two_swapped": False, "twin_noise": 0.05}
+    assert judge(match, twin).status == stages.PASS and "correct implementation's logit noise 0.050" in judge(match, twin).summary
+    assert judge(match, twin | {"twin_noise": 0.001}).status == stages.FAIL  # a quiet recipe: 0.021 is no tie for it
+    broken = twin | {"ref_margin": 11.0, "logit_noise": 2.9, "twin_noise": 0.15}  # attention 1/d's numbers
+    assert judge(match, broken).status == stages.FAIL and judge(match, broken | {"twin_noise": math.nan}).status == stages.FAIL
 
 
 def test_stage_f_does_not_excuse_a_broken_candidates_divergence(default_path, tmp_path):
     """Attention scaled by 1/d leaves the golden output at the first token with margins of 11-17 logits, inside 3 σ of
-    its own (large) logit noise: only a swap of the two sides' top two tokens is a tie, so it still fails."""
+    its own (large) logit noise but far outside its twin's (a correct FP8 forward): no tie, so it still fails."""
     wb = Workbench(RunConfig(model=str(default_path), backend="emulated-fp8", fault="attention-scale-1/d",
                              prompts=("Write a Python function that reverses a string.",), max_prompts=1), tmp_path)
     v = stages.judge_f(stages.measure_f(wb, runs=1, max_new_tokens=4), stages.GoldenRule())
     assert v.status == stages.FAIL and v.runs_near_tie == 0
+
+
+def test_stage_f_measures_the_twins_noise_where_a_run_leaves_the_golden_output(tiny_path, tmp_path):
+    """A forced divergence at step 2: the twin of an emulated-fp8 candidate computes what the candidate computes (the
+    same noise); with attention scaled by 1/d the candidate is far noisier than its twin, which stays a correct FP8."""
+    from fp8parity.stages.f_golden import first_divergence, twin_model
+
+    noise = {}
+    for fault in ("none", "attention-scale-1/d"):
+        wb = Workbench(RunConfig(model=str(tiny_path), backend="emulated-fp8", fault=fault), tmp_path / fault.replace("/", ""))
+        ids = wb.prompt_ids(0)
+        golden = wb.reference.generate(ids, 4, None).tokens
+        runner_up = int(wb.reference.generation_logits(ids, golden[:2], 4).topk(2).indices[1])
+        d = first_divergence(wb, ids, golden, golden[:2] + [runner_up], 4, twin_model(wb))
+        assert d["diverged_at"] == 2 and d["divergence"] == "token" and d["ref_margin"] > 0
+        noise[fault] = d
+    assert noise["none"]["twin_noise"] == noise["none"]["logit_noise"] > 0
+    assert noise["attention-scale-1/d"]["logit_noise"] > 3 * noise["attention-scale-1/d"]["twin_noise"] > 0  # 1.11 vs 0.16
 
 
 def test_stage_f_measures_a_divergence_on_the_logits_the_generation_decided_from(tiny_path, tmp_path):
