@@ -228,6 +228,10 @@ class GGUFModel:
     def qtype(self, name: str) -> str:
         return self._get(name).tensor_type.name
 
+    def fp32_bytes(self) -> int:
+        """What every tensor of the file takes dequantized to float32."""
+        return sum(int(t.n_elements) * 4 for t in self.tensors.values())
+
     def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantize a whole tensor to float32 (into `out` if given, a reusable buffer)."""
         t = self._get(name)

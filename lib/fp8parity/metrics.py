@@ -73,7 +73,14 @@ def fnv1a64(x) -> str:
     Sequential by definition (each step depends on the last), so a plain loop over Python ints, about
     7 MB/s here: fine for logits and one row per (layer, op), too slow to hash every tap of a trace.
     """
-    data = torch.as_tensor(x).detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    return _fnv1a64_bytes(_f32_bytes(x))
+
+
+def _f32_bytes(x) -> bytes:
+    return torch.as_tensor(x).detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+
+def _fnv1a64_bytes(data: bytes) -> str:
     h = FNV_OFFSET
     for byte in data:
         h = ((h ^ byte) * FNV_PRIME) & MASK64
@@ -84,14 +91,14 @@ def fnv1a64_rows(rows: list) -> list[str]:
     """fnv1a64 of each row; rows of one length hashed side by side (numpy's uint64 arithmetic wraps modulo 2**64, as
     the hash does), so many short rows cost one pass over their bytes, not one Python loop each."""
     out: list[str | None] = [None] * len(rows)
-    data = [torch.as_tensor(r).detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes() for r in rows]
+    data = [_f32_bytes(r) for r in rows]
     by_length: dict[int, list[int]] = {}
     for i, d in enumerate(data):
         by_length.setdefault(len(d), []).append(i)
     for length, idx in by_length.items():
         if len(idx) < 8:  # a few long rows (logits): the plain loop is faster than numpy's per-byte overhead
             for i in idx:
-                out[i] = fnv1a64(rows[i])
+                out[i] = _fnv1a64_bytes(data[i])
             continue
         # byte j of every row side by side in memory: one contiguous row of `cols` per step
         cols = np.frombuffer(b"".join(data[i] for i in idx), dtype=np.uint8).reshape(len(idx), length).T.astype(np.uint64)

@@ -99,16 +99,10 @@ def layer_jsons(rows: pd.DataFrame, reference: dict[TapKey, torch.Tensor],
     """Stage B's spec schema, one record per (layer, op) at its worst position (checksums: FNV-1a-64)."""
     from fp8parity.metrics import fnv1a64_rows
 
-    out, worst = [], []
     m = rows[rows.status == MEASURED]
-    for (layer, op), g in m.groupby(["layer", "op"], sort=False):
-        w = g.loc[g.cosine.fillna(-math.inf).idxmin()]
-        worst.append((int(w.position), int(layer), op))
-        out.append({"layer_idx": int(layer), "op": op, "position": int(w.position),
-                    "cosine": None if math.isnan(w.cosine) else float(w.cosine), "max_abs_diff": float(w.max_abs)})
-    sums = fnv1a64_rows([reference[k] for k in worst] + [candidate[k] for k in worst])
-    for i, rec in enumerate(out):  # the keys in the order the spec's schema lists them
-        out[i] = {k: rec[k] for k in ("layer_idx", "op", "position")} | {
-            "cpu_checksum": sums[i], "gpu_checksum": sums[len(worst) + i],
-            "cosine": rec["cosine"], "max_abs_diff": rec["max_abs_diff"]}
-    return out
+    worst = [g.loc[g.cosine.fillna(-math.inf).idxmin()] for _, g in m.groupby(["layer", "op"], sort=False)]
+    keys = [(int(w.position), int(w.layer), w.op) for w in worst]
+    sums = fnv1a64_rows([reference[k] for k in keys] + [candidate[k] for k in keys])  # hashed side by side
+    return [{"layer_idx": k[1], "op": k[2], "position": k[0], "cpu_checksum": sums[i], "gpu_checksum": sums[len(keys) + i],
+             "cosine": None if math.isnan(w.cosine) else float(w.cosine), "max_abs_diff": float(w.max_abs)}
+            for i, (k, w) in enumerate(zip(keys, worst, strict=True))]

@@ -279,16 +279,13 @@ class Qwen2Model:
         self.dtype = dtype
         self.options = options or ForwardOptions()
         if keep_weights is None:  # keep when the dequantized weights take under a third of what is available
-            keep_weights = self._fp32_weight_bytes() * (dtype.itemsize / 4) < available_memory() / 3
+            keep_weights = gguf.fp32_bytes() * (dtype.itemsize / 4) < available_memory() / 3
         # an fp32 store serves an fp64 model as well: every weight is an fp32 value, widened exactly where it is used
         share = weights is not None and (weights.dtype == dtype or dtype == torch.float64)
         self.weights = weights if share else WeightStore(gguf, dtype, keep_weights)
         self._small: dict[str, torch.Tensor] = {}  # norms and biases on the model's device
         # on the GPU: static K/V caches, and untapped forwards of a repeated shape replayed as CUDA graphs
         self.graphs = CudaGraphs(self) if self.device.type == "cuda" and cuda_graphs else None
-
-    def _fp32_weight_bytes(self) -> int:
-        return sum(int(t.n_elements) * 4 for t in self.gguf.tensors.values())
 
     def describe(self) -> dict:
         return {

@@ -115,10 +115,10 @@ GPU_HEADROOM = 0.8  # of the card's memory: activations, the K/V caches, CUDA gr
 
 
 def gpu_bytes_per_notebook(cfg: RunConfig, fp32_weight_bytes: int) -> int:
-    from fp8parity.backends.factory import auto_choice
     from fp8parity.config import reference_device
 
-    backend = auto_choice() if cfg.backend == "auto" else cfg.backend
+    # auto picks te where it runs: counted as te rather than asking (that would import Transformer Engine, 8 s)
+    backend = "te" if cfg.backend == "auto" else cfg.backend
     share = CANDIDATE_GPU_SHARE.get(backend, 0.0) + (reference_device(cfg.reference_device) == "cuda")
     return int(share * fp32_weight_bytes) + 2**30
 
@@ -137,8 +137,8 @@ def jobs_here(cfg: RunConfig) -> int:
         return 1
     from fp8parity.gguf_file import GGUFModel
 
-    fp32_bytes = sum(int(t.n_elements) * 4 for t in GGUFModel(cfg.model).tensors.values())
-    fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // gpu_bytes_per_notebook(cfg, fp32_bytes))
+    per_notebook = gpu_bytes_per_notebook(cfg, GGUFModel(cfg.model).fp32_bytes())
+    fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // per_notebook)
     return max(1, min(4, (os.cpu_count() or 1) // 4, fit))
 
 

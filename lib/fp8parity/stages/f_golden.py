@@ -67,21 +67,20 @@ def measure_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_
     """Each chat prompt generated greedily `runs` times on the candidate; golden = the reference's generation."""
     use_stops = wb.fault.stop_tokens if stop_tokens is None else stop_tokens
     stops = wb.tok.stop_ids()
-    rows, twin_of = [], {}  # the twin, built when a run first diverges (for each prompt: its calibrated scales)
+    rows, twin = [], None  # the twin: built when a run first diverges, anew where calibration gave a prompt new scales
     for i, prompt in enumerate(tqdm(wb.prompts, desc="stage F prompts")):
         ids = wb.prompt_ids(i)
         wb.prepare_candidate(ids)
-        if wb.backend.used_input_scales():  # delayed-calibrated: the scales of this prompt, so a twin built anew
-            twin_of.clear()
+        if wb.backend.used_input_scales():  # delayed-calibrated: this prompt's scales
+            twin = None
         golden = wb.reference.generate(ids, max_new_tokens, stops, wb.tok)
         seen: dict[tuple, dict] = {}
         for r in range(runs):
             out = wb.candidate.generate(ids, max_new_tokens, stops if use_stops else None, wb.tok)
             if out.tokens != golden.tokens and tuple(out.tokens) not in seen:
-                if "model" not in twin_of:
-                    twin_of["model"] = twin_model(wb)
-                seen[tuple(out.tokens)] = first_divergence(wb, ids, golden.tokens, out.tokens, max_new_tokens,
-                                                           twin_of["model"])
+                if twin is None:
+                    twin = twin_model(wb)  # stays None for another engine (nothing to build)
+                seen[tuple(out.tokens)] = first_divergence(wb, ids, golden.tokens, out.tokens, max_new_tokens, twin)
             rows.append({"prompt": prompt, "run": r + 1, "golden": golden.text, "output": out.text,
                          "stop_reason": out.stop_reason, "golden_stop_reason": golden.stop_reason,
                          "tokens": len(out.tokens), "matches_golden": out.tokens == golden.tokens,
