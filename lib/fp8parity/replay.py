@@ -8,7 +8,10 @@ correct implementations of the same op (FLOORS, each with where its number came 
 
 Batching is replayed as the candidate ran it: a prefill trace is one forward over every prompt position (so a
 per-tensor scale sees the same rows); a decode trace is one forward per position, and its attention reads the
-candidate's own K/V of the earlier positions.
+candidate's own K/V of the earlier positions. Where the twin can compute each row as a one-row forward would (every
+twin but llama.cpp's: a per-tensor scale is then taken per row), a decode trace's positions are replayed in one batch,
+each attending to its own prefix: the same numbers up to the order of fp32 sums in the GEMMs (3.6e-7 apart, a tenth
+of the smallest GEMM floor), at the cost of one forward instead of one a position.
 """
 
 from __future__ import annotations
@@ -114,9 +117,10 @@ def check_widths(trace: dict[TapKey, torch.Tensor], cfg) -> None:
                                 f"{width[op]} (and {cfg.n_layers} layers): was the trace made with this model?")
 
 
-def groups(path: str, positions: list[int]) -> list[list[int]]:
-    """The forwards the candidate ran: prefill is one batch of every position, decode one position a step."""
-    return [positions] if path == "prefill" else [[p] for p in positions]
+def groups(path: str, positions: list[int], rows_as_forwards: bool = False) -> list[list[int]]:
+    """The forwards the candidate ran: prefill is one batch of every position, decode one position a step (or all in
+    one batch where the twin computes every row as its own forward: `rows_as_forwards`)."""
+    return [positions] if path == "prefill" or rows_as_forwards else [[p] for p in positions]
 
 
 def _rows_of(trace: dict[TapKey, torch.Tensor], op: str, layer: int, ps: list[int],
@@ -146,8 +150,10 @@ class Replayer:
     defines them (eps, theta), the linear layers through `twin`, the weights as the file defines them."""
 
     def __init__(self, model: Qwen2Model, twin, gemm_class: str, floors: dict[str, Floor] | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, batch_decode: bool = True):
         self.model, self.twin, self.gemm_class, self.dtype = model, twin, gemm_class, dtype  # float64: the exact op
+        self.batch_decode = batch_decode  # False: a decode trace replayed one forward a position, as the candidate ran
+        self._alone = False  # while a decode trace's positions are replayed in one batch
         self.floors = FLOORS if floors is None else floors
         self.cfg = model.cfg
 
@@ -202,8 +208,13 @@ class Replayer:
             if q is None or k is None or v is None:
                 return None
             kv = cfg.n_kv_heads
-            out = attention(q.view(T, cfg.n_heads, hd).transpose(0, 1), k.view(-1, kv, hd).transpose(0, 1),
-                            v.view(-1, kv, hd).transpose(0, 1), ps[0])
+            q = q.view(T, cfg.n_heads, hd).transpose(0, 1)
+            k, v = k.view(-1, kv, hd).transpose(0, 1), v.view(-1, kv, hd).transpose(0, 1)
+            if self._alone:  # decode positions in one batch: each query over its own prefix, as the candidate ran it
+                # (one batch with a mask differs by the order of its sums, 2e-5: a quarter of the floor, for nothing)
+                out = torch.cat([attention(q[:, t:t + 1], k[:, :p + 1], v[:, :p + 1], p) for t, p in enumerate(ps)], 1)
+            else:
+                out = attention(q, k, v, ps[0])
             return out.transpose(0, 1).reshape(T, -1)
         if op in ("post_attn_residual", "post_ffn_residual"):
             a = _rows(tr, *prev, ps) if op == "post_attn_residual" else _rows(tr, "post_attn_residual", layer, ps)
@@ -222,8 +233,17 @@ class Replayer:
         plan = [(op, GLOBAL_LAYER) for op in (EMBEDDING,)] + [(op, L) for L in layers for op in LAYER_OPS] + [
             (FINAL_NORM, GLOBAL_LAYER), (LOGITS, GLOBAL_LAYER)]
         plan = [(op, L) for op, L in plan if ops is None or op in ops]
+        self._alone = path == "decode" and self.batch_decode and _rows_as_forwards(self.twin, True)
+        try:
+            return self._replay(trace, path, positions, plan, prompt_ids, self._alone)
+        finally:
+            if self._alone:
+                _rows_as_forwards(self.twin, False)
+            self._alone = False
+
+    def _replay(self, trace, path, positions, plan, prompt_ids, alone: bool) -> pd.DataFrame:
         out = []
-        for ps in groups(path, positions):
+        for ps in groups(path, positions, alone):
             if hasattr(self.twin, "batch_rows"):  # a twin whose kernel depends on how many rows the candidate's batch had
                 self.twin.batch_rows = len(prompt_ids) if path == "prefill" and prompt_ids else len(ps)
             for op, L in plan:
@@ -244,6 +264,11 @@ class Replayer:
             return df
         df["times_floor"] = df.rel_l2 / df.floor
         return df
+
+
+def _rows_as_forwards(twin, on: bool) -> bool:
+    switch = getattr(twin, "rows_as_forwards", None)  # an engine's twin may not have it: it replays as the engine ran
+    return bool(switch(on)) if switch is not None else False
 
 
 def local_check(model: Qwen2Model, trace: dict[TapKey, torch.Tensor], path: str, prompt_ids: list[int] | None,

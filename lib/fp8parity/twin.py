@@ -100,6 +100,9 @@ class BF16Twin(LinearBackend):
             y = y + b.to(torch.bfloat16).float()
         return y.to(torch.bfloat16).to(x.dtype)
 
+    def rows_as_forwards(self, on: bool) -> bool:
+        return True  # nothing here depends on the batch
+
 
 def make_twin(spec: TwinSpec, input_scales: dict[str, float] | None = None, gguf=None) -> LinearBackend:
     """The twin backend of `spec`; `input_scales` are the delayed-calibrated scales the candidate recorded; `gguf` the

@@ -50,6 +50,12 @@ class LinearBackend:
         """Input scales fixed by calibration, per GEMM key (delayed-calibrated recipes); none elsewhere."""
         return {}
 
+    def rows_as_forwards(self, on: bool) -> bool:
+        """Compute each row of a batch as a forward of that row alone would (`on`), up to the order of fp32 sums: what
+        lets stage B replay a decode trace's positions in one batch. Returns whether this backend can; one whose scales
+        or kernels follow the batch says no."""
+        return False
+
 
 class ReferenceBackend(LinearBackend):
     """x @ w.T + b in the activations' dtype (fp32 or fp64): the trusted side, on the CPU or a GPU.
@@ -85,6 +91,9 @@ class ReferenceBackend(LinearBackend):
             if self.keep:
                 self._w[key] = w
         return F.linear(x, w, None if b is None else b.to(x.device, x.dtype))
+
+    def rows_as_forwards(self, on: bool) -> bool:
+        return True  # nothing here depends on the batch
 
     def describe(self):
         out = super().describe()

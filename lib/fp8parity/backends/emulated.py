@@ -47,6 +47,7 @@ class EmulatedFP8Backend(LinearBackend):
         self.output_dtype, self.bias_dtype = output_dtype, bias_dtype
         self.stale_activation_cache = stale_activation_cache
         self.calibrating = False
+        self.row_scales = False  # per-tensor scales taken per row: each row scaled as a forward of that row alone
         self.fast_bits, self.fast_truncate, self.fast_chunk = FAST_ACCUM_BITS, FAST_ACCUM_TRUNCATE, FAST_ACCUM_CHUNK
         self._amax_history: dict[str, torch.Tensor] = {}  # input amax per GEMM
         self.input_scales = dict(input_scales or {})  # delayed-calibrated: scales a candidate used, replayed as given
@@ -64,7 +65,7 @@ class EmulatedFP8Backend(LinearBackend):
     def _input_scale(self, x: torch.Tensor, key: str) -> torch.Tensor:
         g = self.granularity
         if g in ("tensor", "batch-ftz"):
-            return fp8.scale_from_amax(fp8.amax_tensor(x))
+            return fp8.scale_from_amax(fp8.amax_rows(x) if self.row_scales else fp8.amax_tensor(x))
         if g == "delayed":
             return torch.ones(1, 1)
         if g == "delayed-calibrated":
@@ -155,6 +156,13 @@ class EmulatedFP8Backend(LinearBackend):
         if self.output_dtype == "fp16":
             y = y.to(torch.float16)  # #3728: values above 65504 become inf
         return y.to(x.dtype)
+
+    def rows_as_forwards(self, on: bool) -> bool:
+        """Per-tensor scales are then taken per row (cuBLAS's alpha, 1/(sx·sw) in fp32, per row too: the same numbers as
+        one row's forward). Not with calibration still open (the scale would follow the batch) or the stale cache."""
+        able = not self.stale_activation_cache and (self.granularity != "delayed-calibrated" or bool(self.input_scales))
+        self.row_scales = on and able
+        return able
 
     def used_input_scales(self) -> dict[str, float]:
         """delayed-calibrated: the input scale each GEMM uses (what a trace records for its twin)."""
