@@ -41,3 +41,30 @@ def test_cached_fp8_weights_and_one_autocast_are_bit_identical_to_the_per_call_p
         assert slow.keys() == fast.keys()
         different = [k for k in slow if not torch.equal(slow[k], fast[k])]
         assert not different, (recipe, path, different[:5])
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("recipe", ["current", "block", "delayed-calibrated"])
+def test_te_borrowing_the_gpu_references_weights_is_bit_identical_and_holds_no_second_copy(tiny_path, tmp_path, recipe):
+    pytest.importorskip("transformer_engine")
+    from fp8parity.config import RunConfig
+    from fp8parity.workbench import Workbench
+
+    wb = Workbench(RunConfig(model=str(tiny_path), backend="te", recipe=recipe, reference_device="cuda"), tmp_path)
+    assert wb.backend.weights_from is wb.reference.backend
+    ids = list(range(3, 40))
+    own = Qwen2Model(wb.gguf, backend=TEBackend(recipe), weights=wb.reference.weights)
+    for model in (wb.candidate, own):
+        calibrate(model, ids)
+    for path in ("prefill", "decode"):
+        borrowed, kept = traced(wb.candidate, ids, path), traced(own, ids, path)
+        different = [k for k in kept if not torch.equal(borrowed[k], kept[k])]
+        assert borrowed.keys() == kept.keys() and not different, (recipe, path, different[:5])
+    ref_w = wb.reference.backend._w
+    for key, mod in wb.backend.modules.items():
+        assert mod.weight.data_ptr() == ref_w[key].data_ptr(), key  # the reference's tensor, not a copy
+        assert mod.weight.data_ptr() != own.backend.modules[key].weight.data_ptr()
+    # a fault that reads a weight transposed must not borrow the reference's untransposed copy
+    bad = Workbench(RunConfig(model=str(tiny_path), backend="te", fault="transposed-q-weight", reference_device="cuda"),
+                    tmp_path / "fault")
+    assert bad.backend.weights_from is None

@@ -109,8 +109,10 @@ def execute(nb: Path, run: Path, params: dict, quiet: bool) -> tuple[float, str 
 
 
 # What one notebook holds on the GPU, per byte of the model's fp32 weights: the reference's fp32 copy (when it runs
-# there) and the candidate's (te keeps an fp32 parameter beside its FP8 copy; torch-fp8 an E4M3 copy; bf16 half).
+# there) and the candidate's (te keeps an fp32 parameter beside its FP8 copy, the reference's own where that is on
+# the GPU; torch-fp8 an E4M3 copy; bf16 half).
 CANDIDATE_GPU_SHARE = {"te": 1.25, "torch-fp8": 0.25, "bf16": 0.5}
+FP32_BORROWED = {"te": 1.0}  # what the candidate borrows from a GPU reference instead of holding
 GPU_HEADROOM = 0.8  # of the card's memory: activations, the K/V caches, CUDA graphs' pools, the allocator's slack
 
 
@@ -119,14 +121,15 @@ def gpu_bytes_per_notebook(cfg: RunConfig, fp32_weight_bytes: int) -> int:
 
     # auto picks te where it runs: counted as te rather than asking (that would import Transformer Engine, 8 s)
     backend = "te" if cfg.backend == "auto" else cfg.backend
-    share = CANDIDATE_GPU_SHARE.get(backend, 0.0) + (reference_device(cfg.reference_device) == "cuda")
+    on_gpu = reference_device(cfg.reference_device) == "cuda"
+    share = CANDIDATE_GPU_SHARE.get(backend, 0.0) + on_gpu * (1.0 - FP32_BORROWED.get(backend, 0.0))
     return int(share * fp32_weight_bytes) + 2**30
 
 
 def jobs_here(cfg: RunConfig) -> int:
     """How many notebooks run at once: JOBS, or by default one on a CPU-only machine (each notebook holds the model;
     a 2-core VM gains nothing) and up to four on a GPU host, one per 4 cores, as many as the card holds (a 7B's
-    fp32 reference and te candidate take 68 GB a notebook)."""
+    fp32 reference and te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB)."""
     if cfg.jobs:
         return cfg.jobs
     import os

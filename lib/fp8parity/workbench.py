@@ -51,6 +51,9 @@ class Workbench:
             raise WorkbookError(f"fault {self.fault.name} is injected through emulated-fp8; run it with BACKEND=emulated-fp8.")
         self.candidate = Qwen2Model(self.gguf, backend=self.backend, options=cand_opts,
                                     weights=self.reference.weights)
+        if (self.reference_device == "cuda" and hasattr(self.backend, "weights_from")
+                and not (ref_opts.transposed_weights or cand_opts.transposed_weights)):
+            self.backend.weights_from = self.reference.backend  # both read the same weights by the same keys
         self._oracle: Qwen2Model | None = None
         self.engine: dict | None = None  # another engine judged as the candidate (llama.cpp): what reports name
 

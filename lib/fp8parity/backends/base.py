@@ -83,13 +83,18 @@ class ReferenceBackend(LinearBackend):
             check_no_tf32()
         return contextlib.nullcontext()
 
+    def device_weight(self, key: str, w: torch.Tensor) -> torch.Tensor:
+        """This GEMM's fp32 weight on the device, moved there once: the reference's own, and lent to a te candidate,
+        whose modules would otherwise hold a second fp32 copy (30 GB of a 7B)."""
+        if key not in self._w:
+            self._w[key] = w.to(self.device, torch.float32)
+        return self._w[key]
+
     def linear(self, x, w, b, key):
-        if key in self._w:
-            w = self._w[key]
+        if self.keep and x.dtype == torch.float32:
+            w = self.device_weight(key, w)
         else:
             w = w.to(x.device, x.dtype)
-            if self.keep:
-                self._w[key] = w
         return F.linear(x, w, None if b is None else b.to(x.device, x.dtype))
 
     def rows_as_forwards(self, on: bool) -> bool:

@@ -201,6 +201,8 @@ class TEBackend(LinearBackend):
         self.recipe_name = recipe
         self.phase = "run"  # "calibrate" and "update" during delayed-calibrated preparation
         self.modules: dict[str, torch.nn.Module] = {}
+        # a GPU reference whose fp32 device weights the modules take as their parameters (the same values, one copy)
+        self.weights_from: LinearBackend | None = None
 
     def describe(self):
         import transformer_engine
@@ -222,16 +224,19 @@ class TEBackend(LinearBackend):
     def module(self, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.nn.Module:
         mod = self.modules.get(key)
         if mod is None:
-            mod = self.modules[key] = self._build(w, b)
+            mod = self.modules[key] = self._build(w, b, key)
             mod.n_out = w.shape[0]  # before padding: outputs are sliced back to it
         return mod
 
-    def _build(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.nn.Module:
-        w, b = _pad_out_features(w, b)
-        out_f, in_f = w.shape
+    def _build(self, w: torch.Tensor, b: torch.Tensor | None, key: str) -> torch.nn.Module:
+        padded, b = _pad_out_features(w, b)
+        out_f, in_f = padded.shape
         mod = self.te.Linear(in_f, out_f, bias=b is not None, params_dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            mod.weight.copy_(w.to(self.device, torch.float32))
+            if self.weights_from is not None and padded.shape == w.shape:
+                mod.weight.data = self.weights_from.device_weight(key, w)  # no second fp32 copy; TE only reads it
+            else:
+                mod.weight.copy_(padded.to(self.device, torch.float32))
             if b is not None:
                 mod.bias.copy_(b.to(self.device, torch.float32))
         return mod.eval()
