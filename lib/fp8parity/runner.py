@@ -145,6 +145,18 @@ def jobs_here(cfg: RunConfig) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4, fit))
 
 
+def warm_weight_cache(cfg: RunConfig) -> None:
+    """The model's dequantized-weight cache written once before notebooks start together: each would otherwise find
+    none and dequantize the whole model at the same time (a 7B: 30 GB of host memory each)."""
+    from fp8parity import weight_cache
+    from fp8parity.gguf_file import GGUFModel
+
+    gguf = GGUFModel(cfg.model)
+    if weight_cache.enabled(gguf) and not weight_cache.cache_path(gguf).is_file():
+        print(f"dequantizing {gguf.path.name} once for every notebook: {weight_cache.cache_path(gguf)}", flush=True)
+        weight_cache.open_cache(gguf)
+
+
 @contextlib.contextmanager
 def share_cores(jobs: int):
     """Kernels started inside get cores/jobs threads each (the environment is restored after): four notebooks with a
@@ -181,6 +193,8 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     t0 = time.perf_counter()
     first, last = [nb for nb in books if "summary" not in nb.stem], [nb for nb in books if "summary" in nb.stem]
     jobs = jobs_here(cfg)
+    if jobs > 1:
+        warm_weight_cache(cfg)
     with share_cores(jobs), ThreadPoolExecutor(jobs) as pool:
         results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
     results |= {nb: execute(nb, run, params, quiet) for nb in last}
