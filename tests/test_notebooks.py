@@ -202,3 +202,10 @@ def test_the_reviewer_archive_leaves_out_traces_and_the_full_one_keeps_everythin
     assert small == {"r/index.html", "r/02_stage_b_per_layer.html", "r/verdicts/stage_B.json",
                      "r/stage_b/prompt0-prefill/local.json", "r/affine_drift.png"}
     assert len(full) == 9 and small < full
+
+
+def test_notebooks_started_together_go_longest_first():
+    from fp8parity.runner import list_notebooks, start_order
+
+    books = sorted((p for p in list_notebooks() if "summary" not in p.stem), key=start_order)
+    assert [p.name[:2] for p in books][:3] == ["02", "06", "09"] and len(books) == 8
