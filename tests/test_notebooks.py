@@ -208,4 +208,4 @@ def test_notebooks_started_together_go_longest_first():
     from fp8parity.runner import list_notebooks, start_order
 
     books = sorted((p for p in list_notebooks() if "summary" not in p.stem), key=start_order)
-    assert [p.name[:2] for p in books][:3] == ["02", "06", "09"] and len(books) == 8
+    assert [p.name[:2] for p in books][:3] == ["02", "09", "06"] and len(books) == 8

@@ -101,3 +101,13 @@ def test_a_gpu_host_runs_as_many_notebooks_at_once_as_the_card_holds(tiny_path, 
     assert per_notebook(RunConfig(model=str(tiny_path), backend="bf16"), seven_b) > 45e9  # bf16 holds its own copy
     assert runner.jobs_here(RunConfig(model=str(tiny_path), backend="te", reference_device="cpu")) == 3  # te's only
     assert runner.jobs_here(RunConfig(model=str(tiny_path), backend="te", jobs=3)) == 3  # JOBS decides when given
+
+
+def test_a_cpu_host_runs_one_notebook_per_core_as_its_memory_allows(tiny_path):
+    from fp8parity.runner import host_jobs
+
+    cfg, gb = RunConfig(model=str(tiny_path), backend="emulated-fp8"), 2**30
+    assert host_jobs(cfg, int(1.98e9), cores=2, memory_bytes=24 * gb) == 2  # the default model on the CI VM
+    assert host_jobs(cfg, int(1.98e9), cores=16, memory_bytes=24 * gb) == 3  # memory decides: 5 GB each
+    assert host_jobs(cfg, int(30.4e9), cores=2, memory_bytes=24 * gb) == 1  # a 7B: never fewer than one
+    assert host_jobs(RunConfig(model=str(tiny_path), backend="reference"), int(30.4e9), 2, 64 * gb) == 2  # no copies

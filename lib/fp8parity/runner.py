@@ -40,8 +40,9 @@ def list_notebooks(select: str = "", backend: str = "") -> list[Path]:
 
 
 # Notebooks started together go longest first, so that no long one starts last (measured on the H200, real model
-# with four at once and the 7B-shaped one with three: stage B, then F, 09 and E are the longest; C and D the shortest).
-LONGEST_FIRST = ("02", "06", "09", "05", "01", "08", "04", "03")
+# with four at once and the 7B-shaped one with three, and on the 2-core VM with two: stage B, 09 and F are the
+# longest, then E; C and D the shortest).
+LONGEST_FIRST = ("02", "09", "06", "05", "01", "08", "04", "03")
 
 
 def start_order(notebook: Path) -> int:
@@ -136,20 +137,37 @@ def gpu_bytes_per_notebook(cfg: RunConfig, fp32_weight_bytes: int) -> int:
     return int(share * fp32_weight_bytes) + 2**30
 
 
+# What one notebook holds in host memory of its own on a CPU-only machine, per byte of the model's fp32 weights (those
+# are memory-mapped from the weight cache: shared by every notebook): emulated-fp8's FP8 weights kept as fp32, and
+# stage B's twin's; the reference and its fp32 twin hold no copy.
+CANDIDATE_HOST_SHARE = {"emulated-fp8": 2.0, "auto": 2.0}
+HOST_HEADROOM = 0.8  # of the machine's memory
+
+
+def host_jobs(cfg: RunConfig, fp32_weight_bytes: int, cores: int, memory_bytes: int) -> int:
+    """Notebooks at once on a CPU-only machine: one per core, as many as its memory holds beside the shared weights.
+    On the 2-core VM two at once took the default run-all from 303 to 240 s (one notebook's Python, startup and
+    single-threaded work overlaps another's GEMMs)."""
+    per_notebook = CANDIDATE_HOST_SHARE.get(cfg.backend, 0.0) * fp32_weight_bytes + 2**30
+    fit = int((HOST_HEADROOM * memory_bytes - fp32_weight_bytes) // per_notebook)
+    return max(1, min(cores, fit))
+
+
 def jobs_here(cfg: RunConfig) -> int:
-    """How many notebooks run at once: JOBS, or by default one on a CPU-only machine (each notebook holds the model;
-    a 2-core VM gains nothing) and up to four on a GPU host, one per 4 cores, as many as the card holds (a 7B's
-    fp32 reference and te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB)."""
+    """How many notebooks run at once: JOBS, or by default on a CPU-only machine one per core as memory allows
+    (`host_jobs`), and on a GPU host up to four, one per 4 cores, as many as the card holds (a 7B's fp32 reference and
+    te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB)."""
     if cfg.jobs:
         return cfg.jobs
     import os
 
     import torch
 
-    if not torch.cuda.is_available():
-        return 1
     from fp8parity.gguf_file import GGUFModel
 
+    if not torch.cuda.is_available():
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host_jobs(cfg, GGUFModel(cfg.model).fp32_bytes(), os.cpu_count() or 1, memory)
     per_notebook = gpu_bytes_per_notebook(cfg, GGUFModel(cfg.model).fp32_bytes())
     fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // per_notebook)
     return max(1, min(4, (os.cpu_count() or 1) // 4, fit))
