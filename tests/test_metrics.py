@@ -85,14 +85,15 @@ def test_the_batched_row_metrics_equal_the_row_by_row_ones():
     from fp8parity.metrics import row_metrics, row_metrics_batch
 
     g = torch.Generator().manual_seed(3)
-    ref = torch.randn(6, 40, generator=g)
-    cand = ref + 1e-3 * torch.randn(6, 40, generator=g)
+    ref = torch.randn(7, 40, generator=g)
+    cand = ref + 1e-3 * torch.randn(7, 40, generator=g)
     cand[1] = ref[1]  # identical row: sqnr inf
     cand[2] = 0.0  # zero candidate: cosine 0
     cand[3, 5] = float("nan")  # NaN: cosine NaN
     ref[4], cand[4] = 0.0, 0.0  # both zero
+    cand[6, 7] = -float("inf")  # inf: cosine NaN (the batch sees it in the row's sum of squares)
     batch = row_metrics_batch(cand, ref)
-    for i in range(6):
+    for i in range(7):
         one = row_metrics(cand[i], ref[i])
         for name, value in one.items():
             got = batch[name][i]
