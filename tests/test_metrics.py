@@ -91,7 +91,7 @@ def test_the_batched_row_metrics_equal_the_row_by_row_ones():
     cand[2] = 0.0  # zero candidate: cosine 0
     cand[3, 5] = float("nan")  # NaN: cosine NaN
     ref[4], cand[4] = 0.0, 0.0  # both zero
-    cand[6, 7] = -float("inf")  # inf: cosine NaN (the batch sees it in the row's sum of squares)
+    cand[6, 7] = -float("inf")  # inf: cosine NaN, SQNR -inf dB (no signal left), one number each way
     batch = row_metrics_batch(cand, ref)
     for i in range(7):
         one = row_metrics(cand[i], ref[i])

@@ -79,20 +79,3 @@ def test_imported_npy_trace_compares_the_same_way(tmp_path):
     assert meta["backend"] == "my-engine" and t[(0, -1, "logits")].shape == (2,)
     rows = parity.compare_traces(trace({(0, 0, "q_proj"): [1, 2], (0, -1, "logits"): [0.5, 0.25]}), t)
     assert rows.passed.all()
-
-
-def test_taps_compared_in_chunks_of_one_width_give_each_taps_own_numbers(monkeypatch):
-    """compare_traces batches every tap of a width, a chunk at a time: each row must be what its tap alone gives."""
-    from fp8parity.metrics import row_metrics
-
-    g = torch.Generator().manual_seed(5)
-    widths = {"attn_norm": 16, "q_proj": 16, "k_proj": 4, "ffn_up": 48}
-    ref = {(p, L, op): torch.randn(w, generator=g) for p in range(3) for L in range(2) for op, w in widths.items()}
-    cand = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in ref.items()}
-    monkeypatch.setattr(parity, "CHUNK_ELEMENTS", 40)  # two 16-wide rows a chunk, the 48-wide alone
-    rows = parity.compare_traces(ref, cand).set_index(["position", "layer", "op"])
-    assert len(rows) == len(ref)
-    for k in ref:
-        one = row_metrics(cand[k], ref[k])
-        for name, value in one.items():
-            assert rows.loc[k, name] == pytest.approx(value, rel=1e-12), (k, name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -19,37 +18,28 @@ from fp8parity.taps import TapKey, forward_order
 MEASURED, UNMEASURED = "measured", "UNMEASURED"
 
 
-CHUNK_ELEMENTS = 1 << 23  # rows compared at once, at most this many values: float64 temporaries of ~200 MB
-
-
 def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey, torch.Tensor],
                    threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """One row per tap on either side, in forward order (metrics computed for all taps of one width at a time)."""
+    """One row per tap on either side, in forward order (metrics computed a (layer, op) at a time)."""
     keys = sorted(set(reference) | set(candidate), key=lambda k: (forward_order(k[2], k[1]), k[0]))
-    by_width: dict[int, list[TapKey]] = {}
+    groups: dict[tuple[int, str], list[TapKey]] = {}
     for k in keys:
-        if k in reference and k in candidate:
-            by_width.setdefault(candidate[k].numel(), []).append(k)
-    measured: dict[TapKey, dict] = {}
-    for width, ks in by_width.items():
-        step = max(1, CHUNK_ELEMENTS // max(width, 1))
-        for c in range(0, len(ks), step):
-            part = ks[c:c + step]
-            m = row_metrics_batch(torch.stack([candidate[k].reshape(-1) for k in part]),
-                                  torch.stack([reference[k].reshape(-1) for k in part]))
-            cols = {name: (v.astype(np.int64).tolist() if name == "ulp_max" else v.astype(float).tolist())
-                    for name, v in m.items()}
-            for i, k in enumerate(part):
-                measured[k] = {name: v[i] for name, v in cols.items()}
+        groups.setdefault((k[1], k[2]), []).append(k)
     rows = []
-    for k in keys:
-        row = {"position": k[0], "layer": k[1], "op": k[2]}
-        if k in measured:
-            row |= {"status": MEASURED} | measured[k]
-            row["passed"] = bool(row["cosine"] >= threshold)  # NaN compares False: never passes
-        else:
-            row |= {"status": UNMEASURED, "passed": None, "missing_on": "candidate" if k in reference else "reference"}
-        rows.append(row)
+    for (layer, op), ks in groups.items():
+        both = [k for k in ks if k in reference and k in candidate]
+        m = row_metrics_batch(torch.stack([candidate[k].reshape(-1) for k in both]),
+                              torch.stack([reference[k].reshape(-1) for k in both])) if both else {}
+        at = {k: i for i, k in enumerate(both)}
+        for k in ks:
+            row = {"position": k[0], "layer": layer, "op": op}
+            if k in at:
+                i = at[k]
+                row |= {"status": MEASURED} | {name: (int(v[i]) if name == "ulp_max" else float(v[i])) for name, v in m.items()}
+                row["passed"] = bool(row["cosine"] >= threshold)  # NaN compares False: never passes
+            else:
+                row |= {"status": UNMEASURED, "passed": None, "missing_on": "candidate" if k in reference else "reference"}
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
