@@ -166,7 +166,10 @@ def jobs_here(cfg: RunConfig) -> int:
     from fp8parity.gguf_file import GGUFModel
 
     if not torch.cuda.is_available():
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): memory unknown, one at a time
+            return 1
         return host_jobs(cfg, GGUFModel(cfg.model).fp32_bytes(), os.cpu_count() or 1, memory)
     per_notebook = gpu_bytes_per_notebook(cfg, GGUFModel(cfg.model).fp32_bytes())
     fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // per_notebook)
