@@ -146,8 +146,8 @@ HOST_HEADROOM = 0.8  # of the machine's memory
 
 def host_jobs(cfg: RunConfig, fp32_weight_bytes: int, cores: int, memory_bytes: int) -> int:
     """Notebooks at once on a CPU-only machine: one per core, as many as its memory holds beside the shared weights.
-    On the 2-core VM two at once took the default run-all from 303 to 240 s (one notebook's Python, startup and
-    single-threaded work overlaps another's GEMMs)."""
+    On the 2-core VM two at once, longest first, took the default run-all's notebooks from 303 to 208 s (one
+    notebook's Python, startup and single-threaded work overlaps another's GEMMs)."""
     per_notebook = CANDIDATE_HOST_SHARE.get(cfg.backend, 0.0) * fp32_weight_bytes + 2**30
     fit = int((HOST_HEADROOM * memory_bytes - fp32_weight_bytes) // per_notebook)
     return max(1, min(cores, fit))
@@ -226,7 +226,6 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     jobs = jobs_here(cfg)
     if jobs > 1:
         first.sort(key=start_order)
-    if jobs > 1:
         warm_weight_cache(cfg)
     with share_cores(jobs), ThreadPoolExecutor(jobs) as pool:
         results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
