@@ -108,3 +108,34 @@ def test_fnv1a64_rows_hashes_each_row_as_fnv1a64_does():
     got = metrics.fnv1a64_rows(rows)
     assert got == [metrics.fnv1a64(r) for r in rows]
     assert len(set(got)) == len(rows)
+
+
+@pytest.mark.parametrize("width", [40, 41])  # an even width: np.median's mean of the two middle values
+def test_the_ulp_statistics_in_torch_equal_numpys(width):
+    """The device path's ULP maximum and median (torch: sort, the two middle values) against numpy's, run on the CPU:
+    signs crossing zero, -0.0, infinities and identical rows included."""
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(9, width, generator=g)
+    cand = ref * (1 + 1e-3 * torch.randn(9, width, generator=g))
+    cand[1] = ref[1]
+    cand[2] = -1e6 * ref[2]  # every sign flipped: distances across zero, beyond int32
+    ref[3, :4], cand[3, :4] = 0.0, -0.0
+    cand[4, 0], ref[5, 1] = float("inf"), -float("inf")
+    ulp_max, ulp_median = metrics._ulp_stats(cand, ref)
+    t_max, t_median = metrics._ulp_stats_torch(cand, ref)
+    assert np.array_equal(ulp_max, t_max) and np.array_equal(ulp_median, t_median)
+    assert t_median.dtype == np.float64 and ulp_max.max() > 2**31
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_row_metrics_on_the_gpu_equal_the_cpus():
+    """Same ULP integers and maxima; float64 sums within a few ulps of the CPU's (another summation order)."""
+    g = torch.Generator().manual_seed(6)
+    ref = torch.randn(33, 4864, generator=g)
+    cand = ref * (1 + 1e-3 * torch.randn(33, 4864, generator=g))
+    cand[1] = ref[1]
+    cpu, gpu = metrics.row_metrics_batch(cand, ref), metrics.row_metrics_batch(cand, ref, "cuda")
+    for name in ("ulp_max", "ulp_median", "max_abs"):
+        assert np.array_equal(cpu[name], gpu[name]), name
+    for name in ("cosine", "rel_l2", "norm_ratio", "sqnr_db"):
+        assert np.allclose(cpu[name], gpu[name], rtol=1e-13, atol=0), name

@@ -7,6 +7,7 @@ import torch
 
 from fp8parity import parity
 from fp8parity.errors import WorkbookError
+from fp8parity.trace import key_str as trace_key
 from fp8parity.trace import load_trace, save_trace
 
 
@@ -65,6 +66,20 @@ def test_trace_round_trip_and_never_overwrites(tmp_path):
     assert meta["path"] == "prefill" and "versions" in meta and "machine" in meta
     with pytest.raises(WorkbookError, match="never overwritten"):
         save_trace(tmp_path / "tr", t, {})
+
+
+def test_a_trace_file_is_what_safetensors_torch_writes(tmp_path):
+    """Rows that are views of one batch (as the recorder keeps them) are written through numpy: the same bytes as
+    safetensors.torch's own writer of private copies, and they read back equal."""
+    from safetensors.torch import save_file as torch_save_file
+
+    batch = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    t = {(i, 1, "q_proj"): batch[i] for i in range(3)} | {(0, -1, "logits"): torch.randn(7)}
+    save_trace(tmp_path / "tr", t, {})
+    torch_save_file({trace_key(k): v.clone() for k, v in t.items()}, str(tmp_path / "torch.safetensors"))
+    assert (tmp_path / "tr" / "tensors.safetensors").read_bytes() == (tmp_path / "torch.safetensors").read_bytes()
+    back, _ = load_trace(tmp_path / "tr")
+    assert all(torch.equal(back[k], v) for k, v in t.items())
 
 
 def test_imported_npy_trace_compares_the_same_way(tmp_path):

@@ -19,8 +19,10 @@ MEASURED, UNMEASURED = "measured", "UNMEASURED"
 
 
 def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey, torch.Tensor],
-                   threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """One row per tap on either side, in forward order (metrics computed a (layer, op) at a time)."""
+                   threshold: float = DEFAULT_THRESHOLD, device: str | None = None) -> pd.DataFrame:
+    """One row per tap on either side, in forward order (metrics computed a (layer, op) at a time, on `device`: by
+    default the GPU where there is one, see `row_metrics_batch`)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     keys = sorted(set(reference) | set(candidate), key=lambda k: (forward_order(k[2], k[1]), k[0]))
     groups: dict[tuple[int, str], list[TapKey]] = {}
     for k in keys:
@@ -29,7 +31,7 @@ def compare_traces(reference: dict[TapKey, torch.Tensor], candidate: dict[TapKey
     for (layer, op), ks in groups.items():
         both = [k for k in ks if k in reference and k in candidate]
         m = row_metrics_batch(torch.stack([candidate[k].reshape(-1) for k in both]),
-                              torch.stack([reference[k].reshape(-1) for k in both])) if both else {}
+                              torch.stack([reference[k].reshape(-1) for k in both]), device) if both else {}
         at = {k: i for i, k in enumerate(both)}
         for k in ks:
             row = {"position": k[0], "layer": layer, "op": op}
