@@ -56,6 +56,34 @@ def test_graphs_are_bit_identical_to_eager(tiny_path, name):
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("name", ["reference", "bf16", "te:current", "te:block", "torch-fp8:rowwise"])
+def test_traced_graphs_record_the_eager_taps_bit_for_bit(tiny_path, name):
+    """A traced forward replayed as a graph (taps copied inside it) gives every tap and the logits of the eager traced
+    forward, bit for bit: decode traces as stage B records them, and repeated prefills, whole and filtered (layers,
+    ops, positions, the last row's logits only)."""
+    from fp8parity.taps import Recorder
+
+    g = GGUFModel(tiny_path)
+    prompt = list(range(3, 40))
+    filtered = {"layers": [1], "ops": ["attn_norm", "ffn_out", "final_norm", "logits"], "positions": [0, 5, 36]}
+    traces = {}
+    for graphs in (False, True):
+        model, traces[graphs] = candidate(g, name, graphs, prompt), []
+        for _ in range(3):  # the first sees each shape, the second captures, the third replays
+            for path, rec in (("decode", Recorder()), ("prefill", Recorder()), ("prefill", Recorder(**filtered))):
+                logits = model.run(prompt, path, rec) if rec.layers is None else model.prefill(prompt, rec, "last")
+                traces[graphs].append((logits.cpu(), rec.tensors))
+    traced = [k for k in model.graphs.graphs if "traced" in k]
+    assert len(traced) >= 3 and model.graphs.replays >= len(prompt), model.graphs.describe()
+    for i, ((eager_logits, eager), (graph_logits, graphed)) in enumerate(zip(traces[False], traces[True], strict=True)):
+        assert torch.equal(eager_logits, graph_logits), (name, i)
+        assert set(eager) == set(graphed) and len(eager) > 10, (name, i, len(eager), len(graphed))
+        differ = [k for k in eager if not torch.equal(eager[k], graphed[k])]
+        assert not differ, (name, i, differ[:5])
+        assert max(float(t.abs().max()) for t in eager.values()) > 0.1, "taps of zeros compare equal whatever the path"
+
+
+@needs_fp8_gpu
 @pytest.mark.parametrize("name", ["bf16", "te:current", "te:block"])
 def test_static_cache_stays_within_rounding_of_the_growing_cache(tiny_path, name):
     g = GGUFModel(tiny_path)

@@ -163,3 +163,21 @@ def test_what_is_2_plus_2(ours):
     r = model.generate(tok.chat_ids("What is 2+2?"), 32, tok.stop_ids(), tok)
     assert tok.decode(r.tokens, skip_special=True) == "2 + 2 equals 4."
     assert r.stop_reason == f"stop_token {tok.special['<|im_end|>']}"
+
+
+def test_taps_staged_on_a_device_read_back_as_recorded_ones():
+    """Recorder.stage (a GPU forward's taps, copied to the host in one transfer when read) keeps what record keeps:
+    the same keys, rows and position filter; exercised here with CPU tensors, the same code path but the device."""
+    g = torch.Generator().manual_seed(4)
+    a, b, logits = torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g), torch.randn(1, 6, generator=g)
+    direct, staged = Recorder(positions=[0, 2, 9]), Recorder(positions=[0, 2, 9])
+    for rec in (direct,):
+        rec.record("attn_norm", 0, a, [0, 1, 2])
+        rec.record("k_proj", 0, b, [0, 1, 2])
+        rec.record("logits", -1, logits, [2])
+    staged.stage(torch.cat([a.reshape(-1), b.reshape(-1)]), [("attn_norm", 0, 3, 4, [0, 1, 2]),
+                                                            ("k_proj", 0, 3, 2, [0, 1, 2])])
+    staged.stage(logits.reshape(-1).clone(), [("logits", -1, 1, 6, [2])])
+    assert set(direct.tensors) == set(staged.tensors) == {(0, 0, "attn_norm"), (2, 0, "attn_norm"), (0, 0, "k_proj"),
+                                                          (2, 0, "k_proj"), (2, -1, "logits")}
+    assert all(torch.equal(direct.tensors[k], staged.tensors[k]) for k in direct.tensors)

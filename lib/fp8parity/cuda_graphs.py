@@ -6,10 +6,15 @@ same kernels with one launch. It runs the same code (`Qwen2Model.body`) on fixed
 decode step, the position are written in; the embedding table is gathered on the GPU (the same dequantized values
 the eager path reads row by row on the host); the K/V cache is a `StaticKVCache` this object owns.
 
-Graphs are used only where nothing on the host looks at the forward: no recorder (taps copy to the host), a backend
-that says it is `graph_safe` (no statistics, no calibration, no fault wrapper) and the file's own recipe (no planted
-fault). Everything else runs eagerly over the same static cache, so both ways compute the same numbers
-(tests/test_cuda_graphs.py checks it bit for bit on the GPU).
+A traced forward (a `Recorder` attached) is captured too, as a graph of its own: each tap the recorder wants is
+copied inside the graph into a buffer of the graph's; after a replay the buffers go to the recorder as one block
+(`Recorder.stage`), copied to the host when it is read. The traced graph computes the same kernels as the untraced
+one, plus the copies.
+
+Graphs are used only where nothing on the host looks inside the forward: a backend that says it is `graph_safe` (no
+statistics, no calibration, no fault wrapper) and the file's own recipe (no planted fault). Everything else runs
+eagerly over the same static cache, so both ways compute the same numbers (tests/test_cuda_graphs.py checks logits and
+every tap bit for bit on the GPU).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8parity.taps import FINAL_NORM, LOGITS
+
 CAPACITY_STEP = 256  # static caches come in multiples of this many positions: a few shapes, each captured once
+HEAD_OPS = (FINAL_NORM, LOGITS)  # taps after the forward keeps only some rows (`logits_for`)
 
 
 @dataclass
@@ -29,6 +37,18 @@ class Graph:
     rows: torch.Tensor  # the tokens' embedding rows, written before a replay
     pos: torch.Tensor | None  # a decode step's position, written before a replay
     out: torch.Tensor  # the logits the replay writes
+    taps: list[tuple[str, int, torch.Tensor]]  # a traced graph's (op, layer, (T, n) float32 copy) the replay writes
+
+
+class _CaptureRecorder:
+    """Stands in for a Recorder while a forward is captured: each wanted tap copied into a buffer of the graph."""
+
+    def __init__(self, recorder):
+        self.recorder, self.taps = recorder, []
+
+    def record(self, op: str, layer: int, x: torch.Tensor, positions) -> None:
+        if self.recorder.wants(op, layer):
+            self.taps.append((op, layer, x.detach().reshape(x.shape[0], -1).to(torch.float32, copy=True)))
 
 
 class CudaGraphs:
@@ -67,8 +87,9 @@ class CudaGraphs:
     def usable(self) -> bool:
         return self._plain and getattr(self.model.backend, "graph_safe", False)
 
-    def forward(self, ids: list[int], cache, logits_for, path: str) -> torch.Tensor | None:
-        """The logits from a graph, or None where this forward runs eagerly (its shape seen once, or not graphable)."""
+    def forward(self, ids: list[int], cache, logits_for, path: str, recorder=None) -> torch.Tensor | None:
+        """The logits from a graph, or None where this forward runs eagerly (its shape seen once, or not graphable).
+        With a `recorder`, the taps it wants are handed to it too."""
         if not self.usable() or not (logits_for in ("last", "all") or isinstance(logits_for, slice)):
             return None
         # which logits come back, as a hashable key (a slice is not hashable before Python 3.12)
@@ -84,20 +105,27 @@ class CudaGraphs:
             key = ("decode", cache.capacity)
         else:
             return None  # a prefill continuing a cache: eager
+        key += ("traced", recorder.filter_key()) if recorder is not None else ()
         if key not in self.graphs and key not in self.seen:
             self.seen.add(key)
             return None  # first sighting: eager (a shape seen once is not worth a capture)
         cache.reserve(self.model.cfg.n_layers, T)
         rows = self.model.embed_rows(ids)
-        g = self.graphs.get(key) or self._capture(key, rows, cache, logits_for, path)
+        g = self.graphs.get(key) or self._capture(key, rows, cache, logits_for, path, recorder)
         if T == 1:
             g.rows.fill_(rows[0])  # no host-to-device copy: a fill kernel takes the value as an argument
         else:
             g.rows.copy_(torch.tensor(rows))
         if g.pos is not None:
             g.pos.fill_(cache.length)
+        start = cache.length
         g.graph.replay()
         self.replays += 1
+        if g.taps:  # one copy of every tap out of the graph's buffers, before the next replay overwrites them
+            positions = list(range(start, start + T))
+            kept_rows = positions[slice(-1, None) if logits_for == "last" else logits_for] if logits_for != "all" else positions
+            recorder.stage(torch.cat([t.reshape(-1) for _, _, t in g.taps]),
+                           [(op, layer, *t.shape, kept_rows if op in HEAD_OPS else positions) for op, layer, t in g.taps])
         cache.advance(T)
         return g.out.clone()  # the graph overwrites its output at the next replay
 
@@ -106,31 +134,32 @@ class CudaGraphs:
             self._table = self.model.embedding_table()
         return self._table
 
-    def _capture(self, key: tuple, rows: list[int], cache, logits_for, path: str) -> Graph:
+    def _capture(self, key: tuple, rows: list[int], cache, logits_for, path: str, recorder=None) -> Graph:
         m = self.model
         srows = torch.tensor(rows, device=m.device)
         pos = torch.full((1,), cache.length, dtype=torch.long, device=m.device) if key[0] == "decode" else None
         start = pos if pos is not None else cache.length
         table = self.table()
 
-        def body() -> torch.Tensor:
+        def body(rec=None) -> torch.Tensor:
             with m.backend.forward_context():
-                return m.body(table.index_select(0, srows), start, cache, None, logits_for, path)
+                return m.body(table.index_select(0, srows), start, cache, rec, logits_for, path)
 
         # warm up on a side stream (lazy initialisation, workspaces) as torch.cuda.graph's documentation asks; it
         # writes this forward's own K/V slots, which the replay writes again
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            body()
+            body(None if recorder is None else _CaptureRecorder(recorder))
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        taps = None if recorder is None else _CaptureRecorder(recorder)
         with torch.cuda.graph(graph, pool=self.pool):
-            out = body()
+            out = body(taps)
         self.captures += 1
-        g = self.graphs[key] = Graph(graph, srows, pos, out)
+        g = self.graphs[key] = Graph(graph, srows, pos, out, [] if taps is None else taps.taps)
         return g
 
     def clear(self) -> None:

@@ -349,8 +349,8 @@ class Qwen2Model:
         """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab).
 
         `path` names the engine path this call belongs to (prefill, or a decode step): faults may be tied to one."""
-        if recorder is None and self.graphs is not None:
-            logits = self.graphs.forward(ids, cache, logits_for, path)
+        if self.graphs is not None:
+            logits = self.graphs.forward(ids, cache, logits_for, path, recorder)
             if logits is not None:
                 return logits
         with self.backend.forward_context():  # Transformer Engine's autocast, entered once per forward
@@ -370,11 +370,12 @@ class Qwen2Model:
     def body(self, x: torch.Tensor, start: int | torch.Tensor, cache: KVCache | StaticKVCache,
              recorder: Recorder | None, logits_for: str | slice, path: str) -> torch.Tensor:
         """Everything after the embedding lookup, for embedded tokens `x` (T, hidden) at positions start... Only
-        device work: `start` may be a device tensor (a decode step captured as a CUDA graph), when no recorder is on."""
+        device work: `start` may be a device tensor (a decode step captured as a CUDA graph, whose recorder, if any,
+        takes no positions: the graph's caller knows them)."""
         cfg, rec, opts = self.cfg, recorder, self.options
         T, H, KV, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pos = torch.arange(T, device=self.device) + start  # the positions, on the device
-        positions = list(range(start, start + T)) if rec is not None else None
+        positions = list(range(start, start + T)) if rec is not None and isinstance(start, int) else None
 
         perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
 

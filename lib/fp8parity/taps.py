@@ -40,8 +40,17 @@ def forward_order(op: str, layer: int) -> tuple[int, int]:
 TapKey = tuple[int, int, str]  # (position, layer, op)
 
 
+# Taps staged on the GPU before one copy to the host: beyond this many bytes they are copied over early (a 7B's long
+# prefill would otherwise hold every tap twice on the card)
+MAX_STAGED_BYTES = 2**30
+
+
 class Recorder:
-    """Collects tapped activations as float32 CPU vectors keyed by (position, layer, op)."""
+    """Collects tapped activations as float32 CPU vectors keyed by (position, layer, op).
+
+    A tap of a GPU forward is copied on the GPU (an asynchronous float32 copy) and staged; the staged taps go to the
+    host together, in one transfer, when `tensors` is read. A copy to the host per tap would wait for the GPU at every
+    tap (13,000 waits a decode trace of the real model), and could not be part of a CUDA graph."""
 
     def __init__(
         self,
@@ -57,7 +66,19 @@ class Recorder:
             from fp8parity.errors import WorkbookError
 
             raise WorkbookError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(ALL_OPS)}.")
-        self.tensors: dict[TapKey, torch.Tensor] = {}
+        self._tensors: dict[TapKey, torch.Tensor] = {}
+        self._staged: list[tuple[torch.Tensor, list[tuple[str, int, int, int, list[int]]]]] = []
+        self._staged_bytes = 0
+
+    @property
+    def tensors(self) -> dict[TapKey, torch.Tensor]:
+        self._to_host()
+        return self._tensors
+
+    def filter_key(self) -> tuple:
+        """What this recorder keeps of a forward, as a hashable key (a CUDA graph's taps depend on it)."""
+        return (None if self.layers is None else tuple(sorted(self.layers)),
+                None if self.ops is None else tuple(sorted(self.ops)))
 
     def wants(self, op: str, layer: int) -> bool:
         if self.ops is not None and op not in self.ops:
@@ -69,7 +90,32 @@ class Recorder:
         if not self.wants(op, layer):
             return
         # one private float32 copy of the batch (the forward may reuse its buffers), each row a view into it
-        rows = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float32, copy=True)
+        rows = x.detach().reshape(x.shape[0], -1).to(torch.float32, copy=True)
+        if rows.device.type == "cpu":
+            self._keep(rows, op, layer, positions)
+        else:
+            self.stage(rows.reshape(-1), [(op, layer, *rows.shape, positions)])
+
+    def stage(self, flat: torch.Tensor, layout: list[tuple[str, int, int, int, list[int]]]) -> None:
+        """Taps still on the GPU: `flat` holds, one after another, a (T, n) float32 block per (op, layer, T, n,
+        positions of its T tokens) of `layout`. It must not change before `tensors` is read (a private copy)."""
+        self._staged.append((flat, layout))
+        self._staged_bytes += flat.numel() * 4
+        if self._staged_bytes > MAX_STAGED_BYTES:
+            self._to_host()
+
+    def _to_host(self) -> None:
+        if not self._staged:
+            return
+        staged, self._staged, self._staged_bytes = self._staged, [], 0
+        host = torch.cat([flat for flat, _ in staged]).cpu() if len(staged) > 1 else staged[0][0].cpu()
+        offset = 0
+        for _, layout in staged:
+            for op, layer, T, n, positions in layout:
+                self._keep(host[offset:offset + T * n].view(T, n), op, layer, positions)
+                offset += T * n
+
+    def _keep(self, rows: torch.Tensor, op: str, layer: int, positions: list[int]) -> None:
         for i, pos in enumerate(positions):
             if self.positions is None or pos in self.positions:
-                self.tensors[(pos, layer, op)] = rows[i]
+                self._tensors[(pos, layer, op)] = rows[i]
