@@ -77,7 +77,7 @@ def test_traced_graphs_record_the_eager_taps_bit_for_bit(tiny_path, name):
     assert len(traced) >= 3 and model.graphs.replays >= len(prompt), model.graphs.describe()
     for i, ((eager_logits, eager), (graph_logits, graphed)) in enumerate(zip(traces[False], traces[True], strict=True)):
         assert torch.equal(eager_logits, graph_logits), (name, i)
-        assert set(eager) == set(graphed) and len(eager) > 10, (name, i, len(eager), len(graphed))
+        assert set(eager) == set(graphed) and len(eager) >= 8, (name, i, len(eager), len(graphed))
         differ = [k for k in eager if not torch.equal(eager[k], graphed[k])]
         assert not differ, (name, i, differ[:5])
         assert max(float(t.abs().max()) for t in eager.values()) > 0.1, "taps of zeros compare equal whatever the path"
