@@ -92,7 +92,10 @@ def test_a_gpu_host_runs_as_many_notebooks_at_once_as_the_card_holds(tiny_path, 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=143 * 2**30))
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     cfg = RunConfig(model=str(tiny_path), backend="te")
-    assert runner.jobs_here(cfg) == 4  # the tiny model: the cores decide
+    assert runner.jobs_here(cfg) == 5  # the tiny model: the cores decide (one notebook per 3)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert runner.jobs_here(cfg) == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
     seven_b = int(7.6e9 * 4)
     per_notebook = runner.gpu_bytes_per_notebook
     monkeypatch.setattr(runner, "gpu_bytes_per_notebook", lambda c, b: per_notebook(c, seven_b))

@@ -53,7 +53,7 @@ class RunConfig:
     archive: str = _param("reviewer", "reviewer: reports, figures, verdicts; full: also a second archive with the traces")
     corpus: str = _param("", "notebook 09: a UTF-8 text file (default: Python standard library sources)")
     corpus_tokens: int = _param(4096, "notebook 09: how many corpus tokens (whole windows of 512)")
-    jobs: int = _param(0, "notebooks run at once (0: one per core as memory allows without a GPU, up to four with one)")
+    jobs: int = _param(0, "notebooks run at once (0: one per core as memory allows without a GPU, up to five with one)")
     reference_device: str = _param("auto", "where the reference (fp32, no TF32) and the fp64 oracle run: auto (the "
                                            "GPU on a GPU host, else the CPU) | cpu | cuda")
     llama_device: str = _param("cpu", "llama.cpp only: cpu | cuda (every layer on the GPU; needs a CUDA build, "

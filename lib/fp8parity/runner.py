@@ -40,8 +40,8 @@ def list_notebooks(select: str = "", backend: str = "") -> list[Path]:
 
 
 # Notebooks started together go longest first, so that no long one starts last (measured on the H200, real model
-# with four at once and the 7B-shaped one with three, and on the 2-core VM with two: stage B, 09 and F are the
-# longest, then E; C and D the shortest).
+# with four and five at once and the 7B-shaped one with three, and on the 2-core VM with two: stage B, 09 and F are
+# the longest, then E; C and D the shortest).
 LONGEST_FIRST = ("02", "09", "06", "05", "01", "08", "04", "03")
 
 
@@ -153,10 +153,17 @@ def host_jobs(cfg: RunConfig, fp32_weight_bytes: int, cores: int, memory_bytes: 
     return max(1, min(cores, fit))
 
 
+# A GPU host's notebooks at once: at most GPU_JOBS, one per CORES_PER_GPU_JOB cores. With stage B's traced forwards as
+# CUDA graphs, eight notebooks on four slots left C (16 s) to start at 41 s, after stage B's 42 s; five slots start
+# the short ones beside B. Real model, H200, 16 cores, the same lease each: 91.3 s (four) vs 85.2 s (five); another
+# lease 70.1 s (five) vs 73.5 s (six).
+GPU_JOBS, CORES_PER_GPU_JOB = 5, 3
+
+
 def jobs_here(cfg: RunConfig) -> int:
     """How many notebooks run at once: JOBS, or by default on a CPU-only machine one per core as memory allows
-    (`host_jobs`), and on a GPU host up to four, one per 4 cores, as many as the card holds (a 7B's fp32 reference and
-    te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB)."""
+    (`host_jobs`), and on a GPU host up to GPU_JOBS, one per CORES_PER_GPU_JOB cores, as many as the card holds (a
+    7B's fp32 reference and te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB)."""
     if cfg.jobs:
         return cfg.jobs
     import os
@@ -173,7 +180,7 @@ def jobs_here(cfg: RunConfig) -> int:
         return host_jobs(cfg, GGUFModel(cfg.model).fp32_bytes(), os.cpu_count() or 1, memory)
     per_notebook = gpu_bytes_per_notebook(cfg, GGUFModel(cfg.model).fp32_bytes())
     fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // per_notebook)
-    return max(1, min(4, (os.cpu_count() or 1) // 4, fit))
+    return max(1, min(GPU_JOBS, (os.cpu_count() or 1) // CORES_PER_GPU_JOB, fit))
 
 
 def warm_weight_cache(cfg: RunConfig) -> None:
