@@ -74,3 +74,17 @@ def test_a_stale_activation_cache_raises_mean_kld_by_orders_of_magnitude(default
     stale = run(default_path, tmp_path, "emulated-fp8", "stale-activation-cache", 512, oracle_windows=0)
     assert stale.candidate["mean_kld"] > 100 * clean.candidate["mean_kld"] > 0
     assert stale.candidate["same_top_p"] < clean.candidate["same_top_p"]
+
+
+def test_the_floor_reuses_the_references_first_window(tiny_path, tmp_path):
+    """The fp64 floor scores the first window against the reference logits the candidate pass computed: one reference
+    prefill per window in all, and the same floor as a pass that computes them again."""
+    wb = Workbench(RunConfig(model=str(tiny_path), backend="emulated-fp8", max_prompts=1), tmp_path / "w")
+    calls = []
+    prefill = wb.reference.prefill
+    wb.reference.prefill = lambda ids, *a, **k: calls.append(len(ids)) or prefill(ids, *a, **k)
+    r = distribution.distribution_parity(wb.reference, wb.candidate, wb.oracle, wb.tok, "", 1024, oracle_windows=1)
+    assert calls == [512, 512]  # two windows, each once
+    ids = distribution.corpus_ids(wb.tok, distribution.load_corpus("")[0], 1024)
+    again = distribution.summarize(distribution.measure(wb.reference, wb.oracle, ids[:512]))
+    assert r.oracle == again and 0 < r.oracle["mean_kld"] < 1e-9

@@ -107,12 +107,19 @@ def scored_windows(ids: list[int], n_ctx: int = N_CTX):
         yield window, list(range(first, n_ctx - 1)), [start + i for i in range(first, n_ctx - 1)]
 
 
-def measure(reference, candidate, ids: list[int], n_ctx: int = N_CTX, desc: str = "windows") -> PositionStats:
-    """Both models over every window; statistics of the scored half, window by window."""
-    out = PositionStats()
-    for window, rel, absolute in tqdm(list(scored_windows(ids, n_ctx)), desc=desc):
+def measure(reference, candidate, ids: list[int], n_ctx: int = N_CTX, desc: str = "windows",
+            reference_logits: dict[int, torch.Tensor] | None = None, keep: int = 0) -> PositionStats:
+    """Both models over every window; statistics of the scored half, window by window. The reference's logits of a
+    window found in `reference_logits` (by its first position) are not computed again; those of the first `keep`
+    windows are left there for the next call (the fp64 floor scores the first window against the same reference)."""
+    out, reference_logits = PositionStats(), {} if reference_logits is None else reference_logits
+    for k, (window, rel, absolute) in enumerate(tqdm(list(scored_windows(ids, n_ctx)), desc=desc)):
         rows = slice(rel[0], rel[-1] + 1)  # logits of the scored half only: half the lm_head, half the memory
-        ref = reference.prefill(window, logits_for=rows).cpu()
+        start = absolute[0] - rel[0]
+        ref = reference_logits.pop(start, None)
+        ref = reference.prefill(window, logits_for=rows).cpu() if ref is None else ref
+        if k < keep:
+            reference_logits[start] = ref
         cand = candidate.prefill(window, logits_for=rows).cpu()
         nxt = torch.tensor([window[i + 1] for i in rel])
         for c in range(0, len(rel), SCORE_CHUNK):  # float64 log-softmax a few rows at a time: bounded memory
@@ -196,8 +203,9 @@ def distribution_parity(reference, candidate, oracle, tok, corpus: str = "",
     text, what = load_corpus(corpus)
     ids = corpus_ids(tok, text, n_tokens, n_ctx)
     calibrate(candidate, ids[:n_ctx])  # delayed-calibrated: scales from the first window's amax; others: nothing
-    stats = measure(reference, candidate, ids, n_ctx, desc="candidate windows")
-    floor = measure(reference, oracle, ids[: n_ctx * oracle_windows], n_ctx, desc="fp64 oracle windows")
+    kept: dict[int, torch.Tensor] = {}  # the reference's logits of the floor's windows, computed once
+    stats = measure(reference, candidate, ids, n_ctx, "candidate windows", kept, keep=oracle_windows)
+    floor = measure(reference, oracle, ids[: n_ctx * oracle_windows], n_ctx, "fp64 oracle windows", kept)
     return DistributionResult(what, len(ids), sha256_ids(ids), n_ctx, summarize(stats),
                               summarize(floor) if oracle_windows else {},
                               oracle_windows, first_greedy_difference(stats), stats)
