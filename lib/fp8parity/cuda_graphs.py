@@ -6,9 +6,9 @@ same kernels with one launch. It runs the same code (`Qwen2Model.body`) on fixed
 decode step, the position are written in; the embedding table is gathered on the GPU (the same dequantized values
 the eager path reads row by row on the host); the K/V cache is a `StaticKVCache` this object owns.
 
-A traced forward (a `Recorder` attached) is captured too, as a graph of its own: each tap the recorder wants is
-copied inside the graph into a buffer of the graph's; after a replay the buffers go to the recorder as one block
-(`Recorder.stage`), copied to the host when it is read. The traced graph computes the same kernels as the untraced
+A traced decode step (a `Recorder` attached, one token) is captured too, as a graph of its own: each tap the recorder
+wants is copied inside the graph into a buffer of the graph's; after a replay the buffers go to the recorder as one
+block (`Recorder.stage`), copied to the host when it is read. The traced graph computes the same kernels as the untraced
 one, plus the copies.
 
 Graphs are used only where nothing on the host looks inside the forward: a backend that says it is `graph_safe` (no
@@ -105,6 +105,8 @@ class CudaGraphs:
             key = ("decode", cache.capacity)
         else:
             return None  # a prefill continuing a cache: eager
+        if recorder is not None and T > 1:
+            return None  # a traced prefill is one forward; its graph would hold every tap (7B, 2048 tokens: 20 GB)
         key += ("traced", recorder.filter_key()) if recorder is not None else ()
         if key not in self.graphs and key not in self.seen:
             self.seen.add(key)
@@ -123,9 +125,10 @@ class CudaGraphs:
         self.replays += 1
         if g.taps:  # one copy of every tap out of the graph's buffers, before the next replay overwrites them
             positions = list(range(start, start + T))
-            kept_rows = positions[slice(-1, None) if logits_for == "last" else logits_for] if logits_for != "all" else positions
-            recorder.stage(torch.cat([t.reshape(-1) for _, _, t in g.taps]),
-                           [(op, layer, *t.shape, kept_rows if op in HEAD_OPS else positions) for op, layer, t in g.taps])
+            rows_kept = slice(None) if logits_for == "all" else slice(-1, None) if logits_for == "last" else logits_for
+            layout = [(op, layer, *t.shape, positions[rows_kept] if op in HEAD_OPS else positions)
+                      for op, layer, t in g.taps]
+            recorder.stage(torch.cat([t.reshape(-1) for _, _, t in g.taps]), layout)
         cache.advance(T)
         return g.out.clone()  # the graph overwrites its output at the next replay
 
