@@ -152,6 +152,24 @@ def test_bad_model_fails_before_a_run_folder_exists(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_report_template_fails_before_a_run_folder_exists(tiny_path, tmp_path, monkeypatch):
+    """Without nbconvert's 'lab' template (JUPYTER_PATH not pointing at it), one sentence before any notebook runs."""
+    import nbconvert
+
+    class NoTemplate:
+        def __init__(self, template_name):
+            pass
+
+        @property
+        def template_paths(self):
+            raise ValueError("No template sub-directory with name 'lab' found")
+
+    monkeypatch.setattr(nbconvert, "HTMLExporter", NoTemplate)
+    with pytest.raises(WorkbookError, match="no 'lab' HTML template"):
+        run_all(RunConfig(model=str(tiny_path)), runs_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -66,6 +66,19 @@ def new_run_dir(runs_dir: Path, run_id: str, backend: str, fault: str) -> Path:
     return run
 
 
+def check_html_template() -> None:
+    """The HTML reports' template (JupyterLab's 'lab', under share/jupyter/nbconvert/templates) is found, before any
+    notebook runs: without it every report would fail after its notebook, with nbconvert's traceback."""
+    from nbconvert import HTMLExporter
+
+    try:
+        HTMLExporter(template_name="lab").template_paths  # noqa: B018 (the lookup that fails without the template)
+    except ValueError:
+        raise WorkbookError("nbconvert finds no 'lab' HTML template for the reports: run `make setup` (it installs "
+                            "nbconvert's templates into .venv/share/jupyter), or point JUPYTER_PATH at the "
+                            "share/jupyter folder that holds nbconvert/templates/lab.") from None
+
+
 def to_html(ipynb: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
@@ -224,6 +237,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     from concurrent.futures import ThreadPoolExecutor
 
     validate(cfg)
+    check_html_template()
     books = list_notebooks(notebooks, cfg.backend)
     run = new_run_dir(Path(runs_dir).resolve(), cfg.run_id, cfg.backend, cfg.fault)
     params = notebook_parameters(cfg, run)
