@@ -78,12 +78,14 @@ display(Markdown(verdict.markdown()))
 # residuals show which vocabulary ids break the pattern.
 
 # %%
-import torch
+from safetensors.torch import save_file
 
 fig = plots.affine_drift(result.reference.numpy(), result.candidate.numpy(), result.fit.slope, result.fit.intercept,
                          result.fit.pearson_r)
 fig.savefig(wb.run_dir / "affine_drift.png", dpi=110)
-torch.save({"reference": result.reference, "candidate": result.candidate}, wb.run_dir / "stage_a_logits.pt")
+# safetensors, not torch.save: the summary reads the logits with numpy alone
+save_file({"reference": result.reference.contiguous(), "candidate": result.candidate.contiguous()},
+          wb.run_dir / "stage_a_logits.safetensors")
 display(Markdown(f"Slope **{result.fit.slope:.4f}**, intercept **{result.fit.intercept:+.4f}**, r = "
                  f"{result.fit.pearson_r:.6f}; the largest residuals are at ids "
                  f"{[i for i, _ in result.fit.top_residuals[:8]]}."))

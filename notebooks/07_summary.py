@@ -31,7 +31,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
 from fp8parity import plots
@@ -48,13 +47,12 @@ with pd.option_context("display.max_colwidth", None):
 # The affine drift of the last-position logits (from stage A): the investigation's symptom was GPU ≈ 0.96·CPU + 0.12.
 
 # %%
-from fp8parity.metrics import affine_fit
+from safetensors.numpy import load_file
 
-logits_file = run / "stage_a_logits.pt"
-if logits_file.is_file():
-    lg = torch.load(logits_file)
-    fit = affine_fit(lg["candidate"], lg["reference"])
-    plots.affine_drift(lg["reference"].numpy(), lg["candidate"].numpy(), fit.slope, fit.intercept, fit.pearson_r)
+logits_file, stage_a = run / "stage_a_logits.safetensors", run / "verdicts" / "stage_A.json"
+if logits_file.is_file() and stage_a.is_file():
+    lg, fit = load_file(logits_file), json.loads(stage_a.read_text())["numbers"]["affine"]  # the fit stage A made
+    plots.affine_drift(lg["reference"], lg["candidate"], fit["slope"], fit["intercept"], fit["pearson_r"])
 else:
     print("stage A did not run: no logits to plot")
 
@@ -64,7 +62,7 @@ else:
 # computation (a stale activation cache, an off-by-one embedding) have r far below 1 and are no affine drift.
 
 # %%
-from fp8parity.fault_bench import latest_localization
+from fp8parity.fault_results import latest_localization
 
 found = latest_localization(run.parent)
 if found is None:
@@ -81,14 +79,12 @@ else:
 # random (layer, GEMM) placements, the fraction localized to their exact (layer, op, path) per size.
 
 # %%
-from fp8parity.fault_bench import latest_sweep
+from fp8parity.fault_results import detection_limits, latest_sweep
 
 sweep = latest_sweep(run.parent)
 if sweep is None:
     print("no detection sweep yet: run `make faults`")
 else:
-    from fp8parity.detection import detection_limits
-
     plots.detection_curves(sweep)
     display(detection_limits(sweep))
 

@@ -144,6 +144,24 @@ def test_every_notebook_runs_with_other_values_than_its_defaults(tiny_path, tmp_
     assert (run / "summary.json").is_file()
 
 
+def test_the_summary_draws_stage_as_logits_without_importing_torch(tiny_run, tmp_path):
+    """The summary is the last notebook, on the critical path: torch's import (3.6 s on the GPU host) is not paid
+    there. Its code cells, run as a script on a finished run folder, plot stage A's logits and never import torch."""
+    import subprocess
+    import sys
+
+    run = tiny_run[1] / "ci"
+    assert (run / "stage_a_logits.safetensors").is_file()
+    cells = [c.source for c in jupytext.read(NOTEBOOK_DIR / "07_summary.py").cells if c.cell_type == "code"]
+    script = "\n".join(cells).replace("RUN_DIR = INTERACTIVE_RUN_DIR", f"RUN_DIR = {str(run)!r}")
+    script += "\nimport sys\nassert 'torch' not in sys.modules, 'the summary imported torch'\nprint('plotted', fit)"
+    env = os.environ | {"MPLBACKEND": "Agg", "PYTHONPATH": str(NOTEBOOK_DIR.parent / "lib")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plotted {" in done.stdout and "slope" in done.stdout
+
+
 def test_bad_model_fails_before_a_run_folder_exists(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"nope")
@@ -210,7 +228,7 @@ def test_the_reviewer_archive_leaves_out_traces_and_the_full_one_keeps_everythin
     for rel, size in (("index.html", 10), ("02_stage_b_per_layer.html", 10), ("02_stage_b_per_layer.ipynb", 10),
                       ("verdicts/stage_B.json", 5), ("stage_b/prompt0-prefill/local.json", 5), ("affine_drift.png", 5),
                       ("traces/prompt0-prefill/candidate/tensors.safetensors", 1000), ("capsule.safetensors", 500),
-                      ("stage_a_logits.pt", 50)):
+                      ("stage_a_logits.safetensors", 50)):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_bytes(b"x" * size)
     with tarfile.open(write_archive(run, tmp_path / "r.tar.gz", reviewer=True)) as tar:

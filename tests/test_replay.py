@@ -13,9 +13,10 @@ import torch
 from fp8parity import replay, stages, twin
 from fp8parity.backends.emulated import EmulatedFP8Backend
 from fp8parity.config import DEFAULT_PROMPTS, RunConfig
-from fp8parity.detection import detection_limits, sweep
+from fp8parity.detection import sweep
 from fp8parity.errors import WorkbookError
 from fp8parity.fault_bench import on_expected_paths
+from fp8parity.fault_results import detection_limits
 from fp8parity.faults import CATALOGUE
 from fp8parity.qwen2 import Qwen2Model
 from fp8parity.taps import Recorder

@@ -78,16 +78,3 @@ def sweep(model_path: str, candidates=SWEEP_CANDIDATES, magnitudes=MAGNITUDES, n
                            "localized": bool(hit), "found": "" if fd is None else f"L{fd['layer']} {fd['op']}",
                            "times_floor": float(row.times_floor), "seconds": round(time.perf_counter() - t0, 1)})
     return pd.DataFrame(trials), pd.DataFrame(cleans)
-
-
-def detection_limits(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per (candidate, class): the fraction localized at each magnitude, and the smallest magnitude from which on
-    every placement is localized (the detection limit)."""
-    frac = trials.groupby(["candidate", "class", "magnitude"]).localized.mean().unstack("magnitude")
-    limits = []
-    for _, row in frac.iterrows():
-        ok = [m for m in row.index if all(row[n] == 1.0 for n in row.index if n >= m)]
-        limits.append(min(ok) if ok else float("nan"))
-    frac.columns = [f"{m:.1%}" for m in frac.columns]
-    frac["detection_limit"] = limits
-    return frac.reset_index()

@@ -189,7 +189,8 @@ def run_fault_bench(model: str, backend: str = "emulated-fp8", runs_dir: str = "
 
 def run_sweep(model: str, candidates: list[str], run_dir: Path) -> pd.DataFrame:
     """The detection-limit sweep: table, per-trial CSV, clean runs and figure into run_dir."""
-    from fp8parity.detection import detection_limits, sweep
+    from fp8parity.detection import sweep
+    from fp8parity.fault_results import detection_limits
     from fp8parity.plots import detection_curves
 
     trials, cleans = sweep(model, candidates)
@@ -203,17 +204,3 @@ def run_sweep(model: str, candidates: list[str], run_dir: Path) -> pd.DataFrame:
     print(cleans.to_markdown(index=False))
     print(f"detection limits: {run_dir / 'detection_limits.md'}")
     return limits
-
-
-def latest_localization(runs_dir: str | Path) -> tuple[Path, pd.DataFrame] | None:
-    """The newest `make faults` result under runs_dir, or None."""
-    found = sorted(Path(runs_dir).glob("faults-*/localization.csv"))
-    if not found:
-        return None
-    return found[-1].parent, pd.read_csv(found[-1])
-
-
-def latest_sweep(runs_dir: str | Path) -> pd.DataFrame | None:
-    """The newest detection-limit sweep's trials under runs_dir, or None."""
-    found = sorted(Path(runs_dir).glob("faults-*/sweep_trials.csv"))
-    return pd.read_csv(found[-1]) if found else None

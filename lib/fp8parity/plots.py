@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fp8parity.taps import LAYER_OPS
+from fp8parity.ops import LAYER_OPS  # not taps: the summary draws without importing torch
 
 
 def cosine_per_layer(table: pd.DataFrame, threshold: float, title: str = "") -> plt.Figure:

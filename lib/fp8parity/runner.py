@@ -300,7 +300,7 @@ def distribution_line(run: Path) -> str:
 
 
 def _stage_of(notebook: str) -> str:
-    from fp8parity.stages import STAGES
+    from fp8parity.stage_names import STAGES
 
     if not notebook[:2].isdigit():  # "total wall"
         return ""
@@ -316,7 +316,7 @@ def verdict_table(run: Path):
     """One row per stage A-F from the run's verdict files; a stage with no verdict is 'unmeasured'."""
     import pandas as pd
 
-    from fp8parity.stages import STAGES
+    from fp8parity.stage_names import STAGES
 
     found = _read_verdicts(Path(run))
     return pd.DataFrame([{"stage": s, "title": found[s]["title"] if s in found else title,
@@ -330,7 +330,7 @@ def _read_verdicts(run: Path) -> dict[str, dict]:
 
 
 def _verdict_rows(verdicts: dict[str, dict], reports: dict[str, str]) -> str:
-    from fp8parity.stages import MARK_COLORS, STAGES
+    from fp8parity.stage_names import MARK_COLORS, STAGES
 
     rows = []
     for i, (stage, title) in enumerate(STAGES.items(), start=1):

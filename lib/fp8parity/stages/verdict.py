@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from fp8parity.stage_names import FAIL, MARK_COLORS, PASS, STAGES, UNMEASURED, verdict_mark
 from fp8parity.workbench import Workbench
 
-PASS, FAIL, UNMEASURED = "pass", "fail", "unmeasured"
-STAGES = {"A": "deterministic reproducer", "B": "per-layer parity", "C": "embedding lookup parity",
-          "D": "pre-attention RMSNorm parity", "E": "Q/K/V FP8 matmul parity", "F": "golden output"}
-MARK_COLORS = {PASS: "#1a7f37", FAIL: "#cf222e", UNMEASURED: "#6e7781"}
-
-
-def verdict_mark(status: str) -> str:
-    """The verdict as coloured text: no emoji, which render as empty boxes where the font lacks them."""
-    return f'<span style="color:{MARK_COLORS[status]};font-weight:bold">{status.upper()}</span>'
+__all__ = ["FAIL", "MARK_COLORS", "PASS", "STAGES", "UNMEASURED", "Verdict", "save_verdict", "verdict_mark"]
 
 
 @dataclass
