@@ -171,18 +171,16 @@ def test_bad_model_fails_before_a_run_folder_exists(tmp_path):
 
 
 def test_a_missing_report_template_fails_before_a_run_folder_exists(tiny_path, tmp_path, monkeypatch):
-    """Without nbconvert's 'lab' template (JUPYTER_PATH not pointing at it), one sentence before any notebook runs."""
-    import nbconvert
+    """Without nbconvert's 'lab' template where nbconvert looks (JUPYTER_PATH not pointing at it), one sentence before
+    any notebook runs; the lookup agrees with nbconvert's own, which finds the template here."""
+    import jupyter_core.paths
+    from nbconvert import HTMLExporter
 
-    class NoTemplate:
-        def __init__(self, template_name):
-            pass
+    from fp8parity.runner import check_html_template
 
-        @property
-        def template_paths(self):
-            raise ValueError("No template sub-directory with name 'lab' found")
-
-    monkeypatch.setattr(nbconvert, "HTMLExporter", NoTemplate)
+    check_html_template()
+    assert any(p.rstrip("/").endswith("templates/lab") for p in HTMLExporter(template_name="lab").template_paths)
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_path", lambda *sub: [str(tmp_path / "empty")])
     with pytest.raises(WorkbookError, match="no 'lab' HTML template"):
         run_all(RunConfig(model=str(tiny_path)), runs_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
