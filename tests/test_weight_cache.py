@@ -51,13 +51,11 @@ def test_the_cache_can_be_turned_off(tiny, cache_here, monkeypatch):
 
 
 def test_run_all_writes_the_cache_once_before_notebooks_start_together(tiny, tiny_path, cache_here, capsys):
-    from fp8parity.config import RunConfig
     from fp8parity.runner import warm_weight_cache
 
-    cfg = RunConfig(model=str(tiny_path))
-    warm_weight_cache(cfg)
+    warm_weight_cache(tiny)
     path = weight_cache.cache_path(tiny)
     assert path.is_file() and "once for every notebook" in capsys.readouterr().out
     stamp = path.stat().st_mtime_ns
-    warm_weight_cache(cfg)  # already there: read by the notebooks, not written again
+    warm_weight_cache(tiny)  # already there: read by the notebooks, not written again
     assert path.stat().st_mtime_ns == stamp and capsys.readouterr().out == ""

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8parity.taps import FINAL_NORM, LOGITS
+from fp8parity.taps import private_copy
 
 CAPACITY_STEP = 256  # static caches come in multiples of this many positions: a few shapes, each captured once
-HEAD_OPS = (FINAL_NORM, LOGITS)  # taps after the forward keeps only some rows (`logits_for`)
 
 
 @dataclass
@@ -48,7 +47,7 @@ class _CaptureRecorder:
 
     def record(self, op: str, layer: int, x: torch.Tensor, positions) -> None:
         if self.recorder.wants(op, layer):
-            self.taps.append((op, layer, x.detach().reshape(x.shape[0], -1).to(torch.float32, copy=True)))
+            self.taps.append((op, layer, private_copy(x)))
 
 
 class CudaGraphs:
@@ -105,7 +104,7 @@ class CudaGraphs:
             key = ("decode", cache.capacity)
         else:
             return None  # a prefill continuing a cache: eager
-        if recorder is not None and T > 1:
+        if recorder is not None and (T > 1 or isinstance(logits_for, slice)):
             return None  # a traced prefill is one forward; its graph would hold every tap (7B, 2048 tokens: 20 GB)
         key += ("traced", recorder.filter_key()) if recorder is not None else ()
         if key not in self.graphs and key not in self.seen:
@@ -124,10 +123,7 @@ class CudaGraphs:
         g.graph.replay()
         self.replays += 1
         if g.taps:  # one copy of every tap out of the graph's buffers, before the next replay overwrites them
-            positions = list(range(start, start + T))
-            rows_kept = slice(None) if logits_for == "all" else slice(-1, None) if logits_for == "last" else logits_for
-            layout = [(op, layer, *t.shape, positions[rows_kept] if op in HEAD_OPS else positions)
-                      for op, layer, t in g.taps]
+            layout = [(op, layer, *t.shape, [start]) for op, layer, t in g.taps]  # one token: every tap one row
             recorder.stage(torch.cat([t.reshape(-1) for _, _, t in g.taps]), layout)
         cache.advance(T)
         return g.out.clone()  # the graph overwrites its output at the next replay

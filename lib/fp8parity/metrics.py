@@ -64,7 +64,8 @@ def _ordered_int(x: torch.Tensor) -> np.ndarray:
 
 
 def _ordered_int_torch(x: torch.Tensor) -> torch.Tensor:
-    """_ordered_int of each row of a (T, ...) tensor, on its own device: (T, n) int64."""
+    """_ordered_int of each row of a (T, ...) tensor, on its own device: (T, n) int64 (on a CPU numpy's is 1.5x faster:
+    0.75 vs 1.14 ms for 37 rows of 4,864, one thread)."""
     i = x.detach().to(torch.float32).reshape(x.shape[0], -1).contiguous().view(torch.int32).to(torch.int64)
     return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
 

@@ -172,10 +172,11 @@ def host_jobs(cfg: RunConfig, fp32_weight_bytes: int, cores: int, memory_bytes: 
 GPU_JOBS, CORES_PER_GPU_JOB = 5, 3
 
 
-def jobs_here(cfg: RunConfig) -> int:
+def jobs_here(cfg: RunConfig, gguf=None) -> int:
     """How many notebooks run at once: JOBS, or by default on a CPU-only machine one per core as memory allows
     (`host_jobs`), and on a GPU host up to GPU_JOBS, one per CORES_PER_GPU_JOB cores, as many as the card holds (a
-    7B's fp32 reference and te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB)."""
+    7B's fp32 reference and te candidate took 68 GB a notebook with a copy each; sharing the fp32 weights, 39 GB).
+    `gguf`: the model's GGUFModel where the caller has it open."""
     if cfg.jobs:
         return cfg.jobs
     import os
@@ -184,24 +185,23 @@ def jobs_here(cfg: RunConfig) -> int:
 
     from fp8parity.gguf_file import GGUFModel
 
+    fp32_bytes = (gguf or GGUFModel(cfg.model)).fp32_bytes()
     if not torch.cuda.is_available():
         try:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, ValueError, OSError):  # no sysconf (Windows): memory unknown, one at a time
             return 1
-        return host_jobs(cfg, GGUFModel(cfg.model).fp32_bytes(), os.cpu_count() or 1, memory)
-    per_notebook = gpu_bytes_per_notebook(cfg, GGUFModel(cfg.model).fp32_bytes())
+        return host_jobs(cfg, fp32_bytes, os.cpu_count() or 1, memory)
+    per_notebook = gpu_bytes_per_notebook(cfg, fp32_bytes)
     fit = int(GPU_HEADROOM * torch.cuda.get_device_properties(0).total_memory // per_notebook)
     return max(1, min(GPU_JOBS, (os.cpu_count() or 1) // CORES_PER_GPU_JOB, fit))
 
 
-def warm_weight_cache(cfg: RunConfig) -> None:
-    """The model's dequantized-weight cache written once before notebooks start together: each would otherwise find
-    none and dequantize the whole model at the same time (a 7B: 30 GB of host memory each)."""
+def warm_weight_cache(gguf) -> None:
+    """The model's (a GGUFModel's) dequantized-weight cache written once before notebooks start together: each would
+    otherwise find none and dequantize the whole model at the same time (a 7B: 30 GB of host memory each)."""
     from fp8parity import weight_cache
-    from fp8parity.gguf_file import GGUFModel
 
-    gguf = GGUFModel(cfg.model)
     if weight_cache.enabled(gguf) and not weight_cache.cache_path(gguf).is_file():
         print(f"dequantizing {gguf.path.name} once for every notebook: {weight_cache.cache_path(gguf)}", flush=True)
         weight_cache.open_cache(gguf)
@@ -235,6 +235,8 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     nothing."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from fp8parity.gguf_file import GGUFModel
+
     validate(cfg)
     check_html_template()
     books = list_notebooks(notebooks, cfg.backend)
@@ -243,10 +245,11 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     (run / "parameters.json").write_text(json.dumps(params, indent=2))
     t0 = time.perf_counter()
     first, last = [nb for nb in books if "summary" not in nb.stem], [nb for nb in books if "summary" in nb.stem]
-    jobs = jobs_here(cfg)
+    gguf = GGUFModel(cfg.model)  # opened once for the notebook count and the weight cache (0.5 s a time)
+    jobs = jobs_here(cfg, gguf)
     if jobs > 1:
         first.sort(key=start_order)
-        warm_weight_cache(cfg)
+        warm_weight_cache(gguf)
     with share_cores(jobs), ThreadPoolExecutor(jobs) as pool:
         results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
     results |= {nb: execute(nb, run, params, quiet) for nb in last}

@@ -40,6 +40,11 @@ def forward_order(op: str, layer: int) -> tuple[int, int]:
 TapKey = tuple[int, int, str]  # (position, layer, op)
 
 
+def private_copy(x: torch.Tensor) -> torch.Tensor:
+    """A tap's (T, n) float32 copy on its device, a row per token: the forward may reuse the buffers it tapped."""
+    return x.detach().reshape(x.shape[0], -1).to(torch.float32, copy=True)
+
+
 # Taps staged on the GPU before one copy to the host: beyond this many bytes they are copied over early (a 7B's long
 # prefill would otherwise hold every tap twice on the card)
 MAX_STAGED_BYTES = 2**30
@@ -50,7 +55,7 @@ class Recorder:
 
     A tap of a GPU forward is copied on the GPU (an asynchronous float32 copy) and staged; the staged taps go to the
     host together, in one transfer, when `tensors` is read. A copy to the host per tap would wait for the GPU at every
-    tap (13,000 waits a decode trace of the real model), and could not be part of a CUDA graph."""
+    tap (13,000-14,000 waits a decode trace of the real model), and could not be part of a CUDA graph."""
 
     def __init__(
         self,
@@ -89,8 +94,7 @@ class Recorder:
         """x: (T, ...) activations of the T tokens at `positions`; each row is stored flattened."""
         if not self.wants(op, layer):
             return
-        # one private float32 copy of the batch (the forward may reuse its buffers), each row a view into it
-        rows = x.detach().reshape(x.shape[0], -1).to(torch.float32, copy=True)
+        rows = private_copy(x)
         if rows.device.type == "cpu":
             self._keep(rows, op, layer, positions)
         else:
