@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fp8parity.backends import ReferenceBackend
-from fp8parity.qwen2 import ForwardOptions, Qwen2Model, apply_rope, quantize_q8_k, rope_tables
+from fp8parity.qwen2 import ForwardOptions, Qwen2Model, apply_rope, quantize_q8_k, rope_tables, rotate, rotation_sin
 from fp8parity.taps import ALL_OPS, LAYER_OPS, Recorder
 from fp8parity.tokenizer import GGUFTokenizer
 
@@ -59,6 +59,19 @@ def test_rope_rotates_pairs_and_keeps_norm():
     y = apply_rope(x, cos, sin)
     assert torch.allclose(y[0], x[0])  # position 0 is the identity
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-6)  # fp32 tables: ~1e-7 off unit length
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rope_by_roll_is_bit_identical_to_the_textbook_rotate_half(dtype):
+    """The forward rotates by roll and a sign-folded sin (4 kernels, not 5): the same bits as transformers' form."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, 64, generator=gen, dtype=dtype) * 50
+    x[0, 0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e30], dtype=dtype)  # signed zeros, tiny and huge values
+    cos, sin = rope_tables(torch.arange(1000, 1007), 64, 1e6, dtype, "cpu")
+    textbook = x * cos[:, None, :] + torch.cat((-x[..., 32:], x[..., :32]), dim=-1) * sin[:, None, :]
+    y = rotate(x, cos, rotation_sin(sin))
+    assert torch.equal(y, textbook) and torch.equal(torch.signbit(y), torch.signbit(textbook))
+    assert torch.equal(apply_rope(x, cos, sin), textbook)
 
 
 def test_q8_k_rounding_crushes_small_values_next_to_an_outlier():

@@ -105,10 +105,20 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, n_heads, hd); rotate-half form."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """x: (T, n_heads, hd); rotate-half form: x * cos + [-x2, x1] * sin."""
+    return rotate(x, cos, rotation_sin(sin))
+
+
+def rotation_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated. [-x2, x1] * sin equals roll(x, half) * this bit for bit (negating a factor
+    negates the rounded product exactly), in one kernel (roll) instead of two (neg, cat): made once per forward."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> torch.Tensor:
+    """RoPE of x (T, n_heads, hd) with cos and `rotation_sin(sin)` (T, hd): four kernels."""
+    return x * cos[:, None, :] + x.roll(x.shape[-1] // 2, -1) * sin_rot[:, None, :]
 
 
 def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
@@ -389,13 +399,15 @@ class Qwen2Model:
 
         x = tap(EMBEDDING, GLOBAL_LAYER, x)  # (T, hidden)
         cos, sin = self._rope(pos)
+        sin = rotation_sin(sin)
         for L in range(cfg.n_layers):
             h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps))
             q = tap("q_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_Q, L, "q_proj", bias=True))  # (T, H*hd)
             k = tap("k_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_K, L, "k_proj", bias=True))  # (T, KV*hd)
             v = tap("v_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_V, L, "v_proj", bias=True))
-            q = tap("q_post_rope", L, apply_rope(q.view(T, H, hd), cos, sin))
-            k = tap("k_post_rope", L, apply_rope(k.view(T, KV, hd), cos, sin))
+            qk = rotate(torch.cat((q.view(T, H, hd), k.view(T, KV, hd)), 1), cos, sin)  # one RoPE: 5 kernels, not 8
+            q = tap("q_post_rope", L, qk[:, :H].contiguous())  # q laid out as before (no copy for one token)
+            k = tap("k_post_rope", L, qk[:, H:])
             kt, vt = self._cached_kv(cache, L, k.view(T, KV, hd), v.view(T, KV, hd), pos, start, path)  # (KV, S, hd)
             if L == 0:  # the same in every layer
                 mask = causal_mask(kt.shape[1], T, start, self.device)
