@@ -207,16 +207,25 @@ def warm_weight_cache(gguf) -> None:
         weight_cache.open_cache(gguf)
 
 
+# glibc hands a freed block over its threshold (128 KB, rising to 32 MB) back to the kernel and maps fresh zeroed pages
+# for the next: each large temporary of a forward (a 512-token window's logits: 155 MB) faulted its pages in anew.
+# A notebook's kernel keeps freed memory for reuse instead (glibc's tunables, read when the kernel starts).
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 @contextlib.contextmanager
-def share_cores(jobs: int):
-    """Kernels started inside get cores/jobs threads each (the environment is restored after): four notebooks with a
-    thread per core each left a 16-core GPU host at a load of 41 and every notebook several times slower."""
+def kernel_environment(jobs: int):
+    """Kernels started inside get cores/jobs threads each (four notebooks with a thread per core each left a 16-core
+    GPU host at a load of 41 and every notebook several times slower) and keep their freed memory
+    (`KEEP_FREED_MEMORY`); the environment is restored after."""
     import os
 
-    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in names}
+    updates = dict(KEEP_FREED_MEMORY)
     if jobs > 1:
-        os.environ.update(dict.fromkeys(names, str(max(1, (os.cpu_count() or 1) // jobs))))
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        updates |= dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), threads)
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
     try:
         yield
     finally:
@@ -250,9 +259,10 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     if jobs > 1:
         first.sort(key=start_order)
         warm_weight_cache(gguf)
-    with share_cores(jobs), ThreadPoolExecutor(jobs) as pool:
-        results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
-    results |= {nb: execute(nb, run, params, quiet) for nb in last}
+    with kernel_environment(jobs):
+        with ThreadPoolExecutor(jobs) as pool:
+            results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
+        results |= {nb: execute(nb, run, params, quiet) for nb in last}
     failed = [nb.stem for nb in books if results[nb][1] is not None]
     timings = {nb.stem: results[nb][0] for nb in books} | {"total wall": round(time.perf_counter() - t0, 1)}
     (run / "timings.json").write_text(json.dumps(timings, indent=2))
