@@ -70,3 +70,28 @@ def test_te_borrowing_the_gpu_references_weights_is_bit_identical_and_holds_no_s
     bad = Workbench(RunConfig(model=str(tiny_path), backend="te", fault="transposed-q-weight", reference_device="cuda"),
                     tmp_path / "fault")
     assert bad.backend.weights_from is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_rounding_a_shared_input_once_is_bit_identical_to_rounding_it_per_call(tiny_path):
+    """bf16 casts an input read by several GEMMs (q, k, v; gate, up) once and its biases once: the same logits and
+    taps as casting both on every call, as it did."""
+    import torch.nn.functional as F
+
+    from fp8parity.backends.gpu import BF16Backend
+
+    class PerCall(BF16Backend):
+        def linear(self, x, w, b, key):
+            wb = self._w.get(key)
+            if wb is None:
+                wb = self._w[key] = w.to(self.device, torch.bfloat16)
+            bb = None if b is None else b.to(self.device, torch.bfloat16)
+            return F.linear(x.to(self.device, torch.bfloat16), wb, bb).to(x.dtype)
+
+    g = GGUFModel(tiny_path)
+    ids = list(range(3, 40))
+    once, per_call = (Qwen2Model(g, backend=b) for b in (BF16Backend(), PerCall()))
+    for path in ("prefill", "decode"):
+        a, b = traced(once, ids, path), traced(per_call, ids, path)
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert a.keys() == b.keys() and len(a) > 100 and not different, (path, different[:5])
