@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fp8parity import fp8_weight_cache
 from fp8parity.backends import ReferenceBackend, make_backend
 from fp8parity.config import RunConfig, reference_device
 from fp8parity.errors import WorkbookError
@@ -51,6 +52,7 @@ class Workbench:
             raise WorkbookError(f"fault {self.fault.name} is injected through emulated-fp8; run it with BACKEND=emulated-fp8.")
         self.candidate = Qwen2Model(self.gguf, backend=self.backend, options=cand_opts,
                                     weights=self.reference.weights)
+        fp8_weight_cache.attach(self.backend, self.candidate)  # emulated-fp8: quantized weights read, not recomputed
         if (self.reference_device == "cuda" and hasattr(self.backend, "weights_from")
                 and not (ref_opts.transposed_weights or cand_opts.transposed_weights)):
             self.backend.weights_from = self.reference.backend  # both read the same weights by the same keys

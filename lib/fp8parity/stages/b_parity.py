@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from fp8parity import metrics, parity, replay, twin
+from fp8parity import fp8_weight_cache, metrics, parity, replay, twin
 from fp8parity.config import DEFAULT_PATHS, DEFAULT_THRESHOLD
 from fp8parity.qwen2 import Qwen2Model
 from fp8parity.stages.oracle import measure_oracle
@@ -109,6 +109,7 @@ def measure_b(wb: Workbench, paths=DEFAULT_PATHS, prompts: list[int] | None = No
         scales = wb.backend.used_input_scales()  # after calibration on this prompt: the scales the candidate uses now
         if rp is None:
             twin_backend = twin.make_twin(spec, scales)
+            fp8_weight_cache.attach(twin_backend, wb.reference)  # the candidate's recipe: its quantized weights
             rp = replay.Replayer(wb.reference, twin_backend, spec.gemm_class)
             twin_model = Qwen2Model(wb.gguf, backend=twin_backend, weights=wb.reference.weights)
         elif scales:  # a delayed-calibrated twin replays the scales the candidate settled on for this prompt

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from fp8parity import fp8_weight_cache
 from fp8parity.config import RunConfig
 from fp8parity.qwen2 import Qwen2Model
 from fp8parity.stages.verdict import FAIL, PASS, Verdict
@@ -42,7 +43,9 @@ def twin_model(wb: Workbench) -> Qwen2Model | None:
     from fp8parity.stages.b_parity import candidate_twin
 
     backend = make_twin(candidate_twin(wb), wb.backend.used_input_scales(), wb.gguf)
-    return Qwen2Model(wb.gguf, backend=backend, weights=wb.reference.weights)
+    model = Qwen2Model(wb.gguf, backend=backend, weights=wb.reference.weights)
+    fp8_weight_cache.attach(backend, model)
+    return model
 
 
 def first_divergence(wb: Workbench, ids: list[int], golden: list[int], out: list[int], max_new_tokens: int,
