@@ -398,8 +398,7 @@ class Qwen2Model:
             return x
 
         x = tap(EMBEDDING, GLOBAL_LAYER, x)  # (T, hidden)
-        cos, sin = self._rope(pos)
-        sin = rotation_sin(sin)
+        cos, sin = self._rope(pos)  # sin as `rotate` takes it (rotation_sin)
         for L in range(cfg.n_layers):
             h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps))
             q = tap("q_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_Q, L, "q_proj", bias=True))  # (T, H*hd)
@@ -437,14 +436,14 @@ class Qwen2Model:
         return kt, vt
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos/sin at the positions (the rope_wrong_from fault: theta 1e4 from a position on)."""
+        """RoPE's cos and `rotation_sin` at the positions (the rope_wrong_from fault: theta 1e4 from a position on)."""
         hd, wrong_from = self.cfg.head_dim, self.options.rope_wrong_from
         cos, sin = rope_tables(pos, hd, self.rope_theta, self.dtype, self.device)
         if wrong_from is not None:
             bad = pos >= wrong_from
             cos_b, sin_b = rope_tables(pos, hd, 1e4, self.dtype, self.device)
             cos, sin = torch.where(bad[:, None], cos_b, cos), torch.where(bad[:, None], sin_b, sin)
-        return cos, sin
+        return cos, rotation_sin(sin)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start, mask: torch.Tensor) -> torch.Tensor:
         """q: (H, T, hd); k, v: (KV, S, hd) with S = start + T. Grouped-query, causal."""
