@@ -78,3 +78,14 @@ def test_a_damaged_file_is_quantized_again_and_rewritten(tiny_path, tmp_path, ca
     again = traced(Workbench(cfg, tmp_path / "b"))
     assert calls and path.stat().st_size > 100
     assert all(torch.equal(good[k], again[k]) for k in good)
+
+
+def test_large_models_and_a_nearly_full_disk_get_no_file(tiny_path, tmp_path, cache_here, monkeypatch):
+    cfg = RunConfig(model=str(tiny_path), backend="emulated-fp8")
+    monkeypatch.setattr(fp8_weight_cache, "MAX_BYTES", 1000)  # the tiny model's weights take more
+    assert Workbench(cfg, tmp_path / "a").backend.weight_file is None
+    monkeypatch.setattr(fp8_weight_cache, "MAX_BYTES", 8 << 30)
+    monkeypatch.setattr(fp8_weight_cache, "FREE_MARGIN", 1 << 62)  # no disk has that much left
+    wb = Workbench(cfg, tmp_path / "b")
+    traced(wb)
+    assert wb.backend.weight_file is not None and not wb.backend.weight_file.path.exists()

@@ -5,14 +5,16 @@ stage B's and F's twin of the same recipe) memory-maps them instead of quantizin
 The first process that has quantized every weight of the model writes them (E4M3 values as fp32, and their scales) to a
 temporary name and renames it, as `weight_cache` does; processes that start together may each write it once. The file
 is named by the GGUF's sha256, the granularity and a hash of the code that quantizes weights, so a change to that code
-starts a new file instead of reading stale values. Off with FP8PARITY_WEIGHT_CACHE=0 and for small models (as
-`weight_cache`); used only where the weights handed to the backend are the file's own (no fault reads one transposed).
+starts a new file instead of reading stale values. Off with FP8PARITY_WEIGHT_CACHE=0, for small models (as
+`weight_cache`) and for large ones (`MAX_BYTES`), and where the disk would be left with less than `FREE_MARGIN`; used
+only where the weights handed to the backend are the file's own (no fault reads one transposed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import shutil
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +24,10 @@ from fp8parity.taps import LINEAR_OPS
 
 # granularities whose weight scales are small (one per tensor or per row); block's come expanded to the weight's shape
 CACHED_GRANULARITIES = ("tensor", "delayed", "delayed-calibrated", "batch-ftz", "rowwise")
+# models whose fp32 weights take more are not cached: a 7B's file would take 30 GB of disk per recipe, beside its 30 GB
+# dequantized cache (a GPU host's stage-B twin is emulated-fp8 too)
+MAX_BYTES = 8 << 30
+FREE_MARGIN = 4 << 30  # disk left free after writing a file
 
 
 def code_version() -> str:
@@ -74,6 +80,8 @@ class FP8WeightFile:
             tensors[f"{key}.q"], tensors[f"{key}.scale"] = q.contiguous(), scale.contiguous()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(self.path.parent).free < sum(t.nbytes for t in tensors.values()) + FREE_MARGIN:
+                return  # a full disk would fail the run's own writes
             aligned_safetensors.save(tensors, self.path)  # aligned: the GEMMs sum as with the values computed here
         except OSError:
             pass  # no room or no permission: every notebook quantizes, as before
@@ -84,6 +92,7 @@ def attach(backend, model) -> None:
     from fp8parity.backends.emulated import EmulatedFP8Backend
 
     if (isinstance(backend, EmulatedFP8Backend) and backend.granularity in CACHED_GRANULARITIES
-            and not model.options.transposed_weights and weight_cache.enabled(model.gguf)):
+            and not model.options.transposed_weights and weight_cache.enabled(model.gguf)
+            and model.gguf.fp32_bytes() <= MAX_BYTES):
         backend.weight_file = FP8WeightFile(model.gguf, backend.granularity)
 
