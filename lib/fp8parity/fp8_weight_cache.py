@@ -95,4 +95,3 @@ def attach(backend, model) -> None:
             and not model.options.transposed_weights and weight_cache.enabled(model.gguf)
             and model.gguf.fp32_bytes() <= MAX_BYTES):
         backend.weight_file = FP8WeightFile(model.gguf, backend.granularity)
-

@@ -54,7 +54,7 @@ class EmulatedFP8Backend(LinearBackend):
         self._act_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Weights are constant: quantize each GEMM's weight once (values kept as exact fp32, stats kept).
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
-        self.weight_file = None  # fp8_weight_cache.FP8WeightFile: the same quantized weights from disk (fp8_weight_cache.attach)
+        self.weight_file = None  # the same quantized weights on disk (fp8_weight_cache.attach)
 
     def describe(self) -> dict:
         return super().describe() | {
@@ -99,8 +99,11 @@ class EmulatedFP8Backend(LinearBackend):
         if key not in self._weights:
             w32 = w.to(torch.float32)
             cached = self.weight_file.get(key) if self.weight_file is not None else None
-            wq, swe = cached if cached is not None else (None, self._weight_scale(w32))
-            wq = fp8.quantize(w32, swe).to(torch.float32) if wq is None else wq
+            if cached is None:
+                swe = self._weight_scale(w32)
+                wq = fp8.quantize(w32, swe).to(torch.float32)
+            else:
+                wq, swe = cached
             wstats = fp8.quant_stats(w32, swe, wq).to_dict() if self.collect_stats else {}  # once per weight
             self._weights[key] = (wq, swe, wstats)
             if cached is None and self.weight_file is not None:
