@@ -276,3 +276,6 @@ def test_kernels_get_their_share_of_the_cores_and_keep_freed_memory(monkeypatch)
         mapped, kept, threads = run()
     assert int(mapped) == 0 and int(kept) >= 95 and threads == str(max(1, (os.cpu_count() or 1) // 2))
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ and "OMP_NUM_THREADS" not in os.environ  # restored
+    with kernel_environment(2, keep_freed_memory=False):  # a model streamed through a small machine: glibc's defaults
+        mapped, kept, threads = run()
+    assert int(mapped) >= 95 and int(kept) < 95 and threads == str(max(1, (os.cpu_count() or 1) // 2))

@@ -209,18 +209,19 @@ def warm_weight_cache(gguf) -> None:
 
 # glibc hands a freed block over its threshold (128 KB, rising to 32 MB) back to the kernel and maps fresh zeroed pages
 # for the next: each large temporary of a forward (a 512-token window's logits: 155 MB) faulted its pages in anew.
-# A notebook's kernel keeps freed memory for reuse instead (glibc's tunables, read when the kernel starts).
+# A notebook's kernel keeps freed memory for reuse instead (glibc's tunables, read when the kernel starts) where the
+# model's weights are kept in memory; a model streamed through a small machine (a 7B on 24 GB) keeps glibc's defaults.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 @contextlib.contextmanager
-def kernel_environment(jobs: int):
+def kernel_environment(jobs: int, keep_freed_memory: bool = True):
     """Kernels started inside get cores/jobs threads each (four notebooks with a thread per core each left a 16-core
-    GPU host at a load of 41 and every notebook several times slower) and keep their freed memory
-    (`KEEP_FREED_MEMORY`); the environment is restored after."""
+    GPU host at a load of 41 and every notebook several times slower) and, with `keep_freed_memory`, keep their freed
+    memory (`KEEP_FREED_MEMORY`); the environment is restored after."""
     import os
 
-    updates = dict(KEEP_FREED_MEMORY)
+    updates = dict(KEEP_FREED_MEMORY) if keep_freed_memory else {}
     if jobs > 1:
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         updates |= dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), threads)
@@ -245,6 +246,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     from concurrent.futures import ThreadPoolExecutor
 
     from fp8parity.gguf_file import GGUFModel
+    from fp8parity.qwen2 import available_memory
 
     validate(cfg)
     check_html_template()
@@ -259,7 +261,8 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     if jobs > 1:
         first.sort(key=start_order)
         warm_weight_cache(gguf)
-    with kernel_environment(jobs):
+    keep = gguf.fp32_bytes() < available_memory() / 3  # the forward keeps the weights (Qwen2Model's own rule)
+    with kernel_environment(jobs, keep_freed_memory=keep):
         with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
         results |= {nb: execute(nb, run, params, quiet) for nb in last}
