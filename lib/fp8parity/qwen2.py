@@ -54,6 +54,12 @@ def available_memory() -> int:
     return 0
 
 
+def weights_fit(gguf, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a model keeps its dequantized weights in memory between forwards by default: when they take under a
+    third of what is available (else they are streamed through reused buffers)."""
+    return gguf.fp32_bytes() * (dtype.itemsize / 4) < available_memory() / 3
+
+
 class WeightStore:
     """Dequantized weights on demand, on the CPU: kept (fast repeats) or streamed through reused buffers
     (a 7B on 24 GB). GPU backends move what they need to the device themselves, once."""
@@ -288,8 +294,8 @@ class Qwen2Model:
         self.device = torch.device(getattr(self.backend, "device", "cpu"))
         self.dtype = dtype
         self.options = options or ForwardOptions()
-        if keep_weights is None:  # keep when the dequantized weights take under a third of what is available
-            keep_weights = gguf.fp32_bytes() * (dtype.itemsize / 4) < available_memory() / 3
+        if keep_weights is None:
+            keep_weights = weights_fit(gguf, dtype)
         # an fp32 store serves an fp64 model as well: every weight is an fp32 value, widened exactly where it is used
         share = weights is not None and (weights.dtype == dtype or dtype == torch.float64)
         self.weights = weights if share else WeightStore(gguf, dtype, keep_weights)

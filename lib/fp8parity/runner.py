@@ -246,7 +246,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     from concurrent.futures import ThreadPoolExecutor
 
     from fp8parity.gguf_file import GGUFModel
-    from fp8parity.qwen2 import available_memory
+    from fp8parity.qwen2 import weights_fit
 
     validate(cfg)
     check_html_template()
@@ -261,8 +261,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     if jobs > 1:
         first.sort(key=start_order)
         warm_weight_cache(gguf)
-    keep = gguf.fp32_bytes() < available_memory() / 3  # the forward keeps the weights (Qwen2Model's own rule)
-    with kernel_environment(jobs, keep_freed_memory=keep):
+    with kernel_environment(jobs, keep_freed_memory=weights_fit(gguf)):
         with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
         results |= {nb: execute(nb, run, params, quiet) for nb in last}
