@@ -45,8 +45,11 @@ class _CaptureRecorder:
     def __init__(self, recorder):
         self.recorder, self.taps = recorder, []
 
+    def wants(self, op: str, layer: int) -> bool:
+        return self.recorder.wants(op, layer)
+
     def record(self, op: str, layer: int, x: torch.Tensor, positions) -> None:
-        if self.recorder.wants(op, layer):
+        if self.wants(op, layer):
             self.taps.append((op, layer, private_copy(x)))
 
 

@@ -96,10 +96,18 @@ class WeightStore:
         return w
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     # As transformers' Qwen2RMSNorm: normalize in the compute dtype, then scale.
     var = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(var + eps))
+    return multiply(weight, x * torch.rsqrt(var + eps), dtype)
+
+
+def multiply(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a * b, computed in their dtype; rounded once to `dtype` on the way out where given (one kernel, the same bits as
+    computing then casting)."""
+    if dtype is None:
+        return a * b
+    return torch.mul(a, b, out=torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=b.device))
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple:
@@ -146,6 +154,12 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
 # a GPU prefill of this many tokens or more runs the fused attention kernel: it gains a third at 2048 tokens and
 # nothing at 128 (benchmarks/gpu_speed.py); the cascade's prompts and notebook 09's 512-token windows stay below
 FUSED_ATTENTION_MIN_TOKENS = 1024
+
+# A block's linear layers by the input they read, as (GGUF tensor kind, op): a backend may run a group as one GEMM
+QKV = ((MODEL_TENSOR.ATTN_Q, "q_proj"), (MODEL_TENSOR.ATTN_K, "k_proj"), (MODEL_TENSOR.ATTN_V, "v_proj"))
+ATTN_OUT = ((MODEL_TENSOR.ATTN_OUT, "attn_out"),)
+GATE_UP = ((MODEL_TENSOR.FFN_GATE, "ffn_gate"), (MODEL_TENSOR.FFN_UP, "ffn_up"))
+FFN_DOWN = ((MODEL_TENSOR.FFN_DOWN, "ffn_out"),)
 
 
 def causal_mask(S: int, T: int, start: int | torch.Tensor, device) -> torch.Tensor:
@@ -327,16 +341,19 @@ class Qwen2Model:
             t = self._small[name] = self.weights.get(name).to(self.device, self.dtype)
         return t
 
-    def _linear(self, x: torch.Tensor, weight: str, bias: str | None, key: str) -> torch.Tensor:
+    def _gemm(self, weight: str, bias: str | None, key: str) -> tuple:
+        """(w, b, key) as a backend takes them: no w where the backend holds its own (not dequantized again)."""
+        return None if self.backend.holds(key) else self._w(weight), self.small(bias) if bias else None, key
+
+    def _block_linears(self, x: torch.Tensor, layer: int, ops: tuple[tuple[MODEL_TENSOR, str], ...],
+                       bias: bool = False) -> list[torch.Tensor]:
+        """A block's linear layers of one input, by GGUF tensor kind (blk.<layer>.<kind>.weight, and .bias where it
+        has one) and op, as the backend leaves them (`linear_native`: bf16 stays bf16 until an op converts it)."""
         if self.options.activation_quant == "q8_k":
             x = quantize_q8_k(x)
-        b = self.small(bias) if bias else None
-        w = None if self.backend.holds(key) else self._w(weight)  # a streamed weight is not dequantized again
-        return self.backend.linear(x, w, b, key)
-
-    def _block_linear(self, x: torch.Tensor, kind: MODEL_TENSOR, layer: int, op: str, bias: bool = False) -> torch.Tensor:
-        """A block's linear layer by its GGUF tensor kind (blk.<layer>.<kind>.weight, and .bias where it has one)."""
-        return self._linear(x, tensor_name(kind, layer), tensor_name(kind, layer, "bias") if bias else None, f"{layer}.{op}")
+        gemms = [self._gemm(tensor_name(kind, layer), tensor_name(kind, layer, "bias") if bias else None,
+                            f"{layer}.{op}") for kind, op in ops]
+        return self.backend.linear_group(x, gemms)
 
     @property
     def rms_eps(self) -> float:
@@ -395,10 +412,19 @@ class Qwen2Model:
 
         perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
 
+        def gemm_input(op: str, layer: int) -> torch.dtype | None:
+            """The dtype to write an op read only by GEMMs in: the backend's input dtype, unless the op is tapped or
+            perturbed (a tap records, and a fault perturbs, the activations' dtype; the GEMM rounds it the same)."""
+            narrow = self.backend.input_dtype
+            watched = (layer, op) in perturb or rec is not None and rec.wants(op, layer)
+            if narrow is None or watched or opts.activation_quant is not None:  # q8_k rounds the activations' dtype
+                return None
+            return narrow
+
         def tap(op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
             """The op's output as the rest of the forward sees it: a planted fault applied, then recorded."""
-            if perturb:
-                x = perturb_output(x, *perturb[(layer, op)], hd) if (layer, op) in perturb else x
+            if perturb and (layer, op) in perturb:  # in the activations' dtype (a bf16 GEMM output is converted)
+                x = perturb_output(x.to(self.dtype), *perturb[(layer, op)], hd)
             if rec is not None:
                 rec.record(op, layer, x, positions)
             return x
@@ -406,26 +432,29 @@ class Qwen2Model:
         x = tap(EMBEDDING, GLOBAL_LAYER, x)  # (T, hidden)
         cos, sin = self._rope(pos)  # sin as `rotate` takes it (rotation_sin)
         for L in range(cfg.n_layers):
-            h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps))
-            q = tap("q_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_Q, L, "q_proj", bias=True))  # (T, H*hd)
-            k = tap("k_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_K, L, "k_proj", bias=True))  # (T, KV*hd)
-            v = tap("v_proj", L, self._block_linear(h, MODEL_TENSOR.ATTN_V, L, "v_proj", bias=True))
+            h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps,
+                                             gemm_input("attn_norm", L)))
+            q, k, v = self._block_linears(h, L, QKV, bias=True)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
+            q, k, v = tap("q_proj", L, q), tap("k_proj", L, k), tap("v_proj", L, v)
             qk = rotate(torch.cat((q.view(T, H, hd), k.view(T, KV, hd)), 1), cos, sin)  # one RoPE: 5 kernels, not 8
             q = tap("q_post_rope", L, qk[:, :H].contiguous())  # q laid out as before (no copy for one token)
             k = tap("k_post_rope", L, qk[:, H:])
-            kt, vt = self._cached_kv(cache, L, k.view(T, KV, hd), v.view(T, KV, hd), pos, start, path)  # (KV, S, hd)
+            kt, vt = self._cached_kv(cache, L, k.view(T, KV, hd), v.view(T, KV, hd).to(x.dtype), pos, start,
+                                     path)  # (KV, S, hd)
             if L == 0:  # the same in every layer
                 mask = causal_mask(kt.shape[1], T, start, self.device)
             attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start, mask)  # (H, T, hd)
             attn = tap("attention", L, attn.transpose(0, 1).reshape(T, H * hd))
-            o = tap("attn_out", L, self._block_linear(attn, MODEL_TENSOR.ATTN_OUT, L, "attn_out"))
-            x = tap("post_attn_residual", L, x + o)
-            h = tap("ffn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.FFN_NORM, L)), self.rms_eps))
-            g = tap("ffn_gate", L, self._block_linear(h, MODEL_TENSOR.FFN_GATE, L, "ffn_gate"))
-            u = tap("ffn_up", L, self._block_linear(h, MODEL_TENSOR.FFN_UP, L, "ffn_up"))
-            s = tap("ffn_swiglu", L, torch.nn.functional.silu(g) * u)
-            d = tap("ffn_out", L, self._block_linear(s, MODEL_TENSOR.FFN_DOWN, L, "ffn_out"))
-            x = tap("post_ffn_residual", L, x + d)
+            (o,) = self._block_linears(attn, L, ATTN_OUT)
+            x = tap("post_attn_residual", L, x + tap("attn_out", L, o))  # a bf16 o promotes: the same sum
+            h = tap("ffn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.FFN_NORM, L)), self.rms_eps,
+                                            gemm_input("ffn_norm", L)))
+            g, u = self._block_linears(h, L, GATE_UP)
+            g, u = tap("ffn_gate", L, g), tap("ffn_up", L, u)
+            # silu in x's dtype; a bf16 u promotes
+            s = tap("ffn_swiglu", L, multiply(torch.nn.functional.silu(g.to(x.dtype)), u, gemm_input("ffn_swiglu", L)))
+            (d,) = self._block_linears(s, L, FFN_DOWN)
+            x = tap("post_ffn_residual", L, x + tap("ffn_out", L, d))
         rows = slice(-1, None) if logits_for == "last" else logits_for  # a slice: some rows only (half a window)
         if isinstance(rows, slice):
             x, positions = x[rows], (positions[rows] if positions is not None else None)

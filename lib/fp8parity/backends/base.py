@@ -16,6 +16,10 @@ class LinearBackend:
     # whether a forward through it may be captured as a CUDA graph: only device work, no host reads, no per-forward
     # state (fault wrappers and anything unknown: no)
     graph_safe = False
+    # the dtype its GEMMs round their inputs to (bf16), where the forward may write such an input in it at once: the op
+    # that makes it computes in the activations' dtype and rounds once on the way out, the same bits as the GEMM's own
+    # cast, without the cast kernel. None: the activations' dtype (FP8 quantizes from it).
+    input_dtype: torch.dtype | None = None
 
     def __init__(self) -> None:
         self.stats: dict[str, dict] = {}
@@ -25,6 +29,17 @@ class LinearBackend:
     def linear(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.Tensor:
         """x @ w.T + b as this backend computes it; `w` may be None when `holds(key)`: the backend kept its own copy."""
         raise NotImplementedError
+
+    def linear_native(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.Tensor:
+        """`linear` as the GEMM leaves it: in a narrower dtype where converting it to x's dtype is exact (bf16 for fp32
+        activations). The forward converts where an op needs x's dtype and lets the others promote: adding it to the
+        residual or multiplying it by RoPE's tables in fp32 gives the same bits, without a conversion kernel."""
+        return self.linear(x, w, b, key)
+
+    def linear_group(self, x: torch.Tensor, gemms: list[tuple[torch.Tensor | None, torch.Tensor | None, str]]
+                     ) -> list[torch.Tensor]:
+        """Several GEMMs of one input, (w, b, key) each, in this order (q, k, v; gate, up): `linear_native` each."""
+        return [self.linear_native(x, w, b, key) for w, b, key in gemms]
 
     def holds(self, key: str) -> bool:
         """Whether the backend already holds its own copy of this GEMM's weight (so the forward need not fetch it)."""

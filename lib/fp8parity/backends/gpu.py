@@ -77,16 +77,25 @@ def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class BF16Backend(LinearBackend):
-    """bf16 GEMM on the GPU: separates "it is on the GPU" from "it is FP8"."""
+    """bf16 GEMM on the GPU: separates "it is on the GPU" from "it is FP8".
+
+    The GEMMs of one input (q, k, v; gate, up) run as one GEMM over their weights concatenated (`fuse`): fewer kernels
+    a decode step. Each output is the same dot product over the same bf16 operands, but cuBLAS picks its kernel by
+    shape, so the summation order may change: on the H200 the bits are the same for gate|up on both model shapes and
+    for q|k|v on the 0.5B's, and differ for q|k|v on the 7B's below 512 rows (bf16 rounding noise;
+    tests/test_gpu_speed_paths.py)."""
 
     name = "bf16"
     graph_safe = True
+    input_dtype = torch.bfloat16
 
-    def __init__(self):
+    def __init__(self, fuse: bool = True):
         super().__init__()
         self.device = require_cuda("bf16")
+        self.fuse = fuse
         self._w: dict[str, torch.Tensor] = {}
         self._b: dict[str, torch.Tensor | None] = {}
+        self._fused: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its bf16 copy)
 
     def holds(self, key):
@@ -99,15 +108,38 @@ class BF16Backend(LinearBackend):
             self._last = (x, x.to(self.device, torch.bfloat16))
         return self._last[1]
 
+    def _bf16(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.device, torch.bfloat16)
+
     def linear(self, x, w, b, key):
+        return self.linear_native(x, w, b, key).to(x.dtype)
+
+    def linear_native(self, x, w, b, key):
         wb = self._w.get(key)
         if wb is None:  # weights and biases are constant: moved and rounded once
-            wb = self._w[key] = w.to(self.device, torch.bfloat16)
-            self._b[key] = None if b is None else b.to(self.device, torch.bfloat16)
-        return F.linear(self._input(x), wb, self._b[key]).to(x.dtype)
+            wb = self._w[key] = self._bf16(w)
+            self._b[key] = self._bf16(b)
+        return F.linear(self._input(x), wb, self._b[key])
+
+    def linear_group(self, x, gemms):
+        if not self.fuse:
+            return super().linear_group(x, gemms)
+        keys = tuple(key for _, _, key in gemms)
+        fused = self._fused.get(keys)
+        if fused is None:  # moved, rounded and concatenated once; biases all or none (q, k, v: all; gate, up: none)
+            parts = [(self._w[k], self._b[k]) if w is None else (self._bf16(w), self._bf16(b)) for w, b, k in gemms]
+            sizes = [w.shape[0] for w, _ in parts]
+            w = torch.cat([w for w, _ in parts])
+            b = None if parts[0][1] is None else torch.cat([b for _, b in parts])
+            fused = self._fused[keys] = (w, b, sizes)
+            biases = [None] * len(keys) if b is None else b.split(sizes)
+            for key, wk, bk in zip(keys, w.split(sizes), biases, strict=True):
+                self._w[key], self._b[key] = wk, bk  # each GEMM's rows (views), for a single call of the same key
+        w, b, sizes = fused
+        return list(F.linear(self._input(x), w, b).split(sizes, dim=-1))
 
     def describe(self):
-        return super().describe() | {"card": card_name()}
+        return super().describe() | {"fuse": self.fuse, "card": card_name()}
 
 
 class TorchFP8Backend(LinearBackend):
