@@ -3,6 +3,8 @@ every tap bit-identical to the per-call path, for each Transformer Engine recipe
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -141,3 +143,23 @@ def test_bf16_fused_gemms_against_separate_ones_on_the_model_shapes(shape):
     if shape == "0.5b":
         assert not differ, differ  # the 0.5B's: bit for bit (its decode runs fused)
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ["0.5b", "7b"])
+def test_fused_attentions_own_causal_mask_gives_the_bits_of_the_explicit_mask(shape):
+    """A long prefill's attention with the kernel's causal mask (blocks above the diagonal skipped) against the same
+    kernel with the causal mask as an explicit -inf bias (every block computed), as it ran before: bit for bit, on
+    the models' head shapes, at lengths that are and are not multiples of the kernel's blocks; and both near fp64."""
+    from fp8parity.qwen2 import attention, causal_mask, fused_attention
+
+    heads, kv, hd = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for T in (1024, 1500, 2048):
+        q, k, v = (torch.randn(n, T, hd, device="cuda", generator=gen) for n in (heads, kv, kv))
+        own = attention(q, k, v, 0)  # T >= FUSED_ATTENTION_MIN_TOKENS: the fused kernel, its own causal mask
+        rep = heads // kv
+        explicit = fused_attention(q, k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0),
+                                   causal_mask(T, T, 0, q.device), 1 / math.sqrt(hd))
+        assert torch.equal(own, explicit), (shape, T)
+        exact = attention(q.double(), k.double(), v.double(), 0)  # the textbook form in fp64 (no fused fp64 kernel)
+        assert float((own.double() - exact).norm() / exact.norm()) < 1e-5, (shape, T)

@@ -184,7 +184,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     S = k.shape[1]
     mask = causal_mask(S, T, start, q.device) if mask is None else mask
     if q.is_cuda and T >= FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16 and q.dtype != torch.float64:  # no fp64 kernel
-        return fused_attention(q, k, v, mask, 1 / math.sqrt(hd) if scale is None else scale)
+        causal = isinstance(start, int) and start == 0 and S == T  # the mask is the kernel's own causal one
+        return fused_attention(q, k, v, None if causal else mask, 1 / math.sqrt(hd) if scale is None else scale)
     scores = q @ k.transpose(1, 2)  # (H, T, S)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
     scores = scores.masked_fill(mask, float("-inf"))
@@ -193,13 +194,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     return torch.softmax(scores, dim=-1) @ v
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
     """q, k, v: (H, T or S, hd) on a GPU, mask (T, S) True where masked -> (H, T, hd), by the memory-efficient kernel.
+    No mask: causal with T == S, by the kernel's own mask, which skips the key blocks wholly above the diagonal (half
+    the work at 2048 tokens); a skipped block would have added exp(-inf) = 0 to every sum, so the bits are the same
+    (tests/test_gpu_speed_paths.py).
 
     Called directly, not through scaled_dot_product_attention: that entry point loads torch's cuDNN to weigh its
     backends, after which Transformer Engine's cuDNN no longer loads in the same process (measured on the H200)."""
     H, T, _ = q.shape
     S = k.shape[1]
+    if mask is None:
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q[None], k[None], v[None], None, False, 0.0,
+                                                                     True, scale=scale)[0][0]
     # the kernel reads the bias with a row stride that is a multiple of 16: allocate padded, use the first S columns
     bias = torch.zeros(T, S + (-S) % 16, device=q.device, dtype=q.dtype)[:, :S].masked_fill_(mask, float("-inf"))
     out = torch.ops.aten._scaled_dot_product_efficient_attention(q[None], k[None], v[None], bias.expand(1, H, T, S),
