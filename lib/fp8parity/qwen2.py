@@ -349,7 +349,7 @@ class Qwen2Model:
             t = self._small[name] = self.weights.get(name).to(self.device, self.dtype)
         return t
 
-    def _gemm(self, weight: str, bias: str | None, key: str) -> tuple:
+    def _gemm_operands(self, weight: str, bias: str | None, key: str) -> tuple:
         """(w, b, key) as a backend takes them: no w where the backend holds its own (not dequantized again)."""
         return None if self.backend.holds(key) else self._w(weight), self.small(bias) if bias else None, key
 
@@ -359,8 +359,8 @@ class Qwen2Model:
         has one) and op, as the backend leaves them (`linear_native`: bf16 stays bf16 until an op converts it)."""
         if self.options.activation_quant == "q8_k":
             x = quantize_q8_k(x)
-        gemms = [self._gemm(tensor_name(kind, layer), tensor_name(kind, layer, "bias") if bias else None,
-                            f"{layer}.{op}") for kind, op in ops]
+        gemms = [self._gemm_operands(tensor_name(kind, layer), tensor_name(kind, layer, "bias") if bias else None,
+                                     f"{layer}.{op}") for kind, op in ops]
         return self.backend.linear_group(x, gemms)
 
     @property
