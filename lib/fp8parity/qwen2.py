@@ -297,6 +297,33 @@ class GenerationResult:
     path: str = "prefill+decode"
 
 
+class ForwardTaps:
+    """One forward's taps, called at each op: its planted fault applied, then recorded; and which ops may be written in
+    the backend's input dtype."""
+
+    def __init__(self, model: Qwen2Model, recorder: Recorder | None, path: str, start: int | torch.Tensor, T: int):
+        opts = model.options
+        self.rec, self.dtype, self.head_dim = recorder, model.dtype, model.cfg.head_dim
+        self.perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
+        self.positions = list(range(start, start + T)) if recorder is not None and isinstance(start, int) else None
+        # q8_k (a fault) rounds the activations' dtype
+        self.narrow = model.backend.input_dtype if opts.activation_quant is None else None
+
+    def __call__(self, op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The op's output as the rest of the forward sees it: a planted fault applied, then recorded."""
+        if self.perturb and (layer, op) in self.perturb:  # in the activations' dtype (a bf16 GEMM output converted)
+            x = perturb_output(x.to(self.dtype), *self.perturb[(layer, op)], self.head_dim)
+        if self.rec is not None:
+            self.rec.record(op, layer, x, self.positions)
+        return x
+
+    def gemm_input(self, op: str, layer: int) -> torch.dtype | None:
+        """The dtype to write an op read only by GEMMs in: the backend's input dtype, unless the op is tapped or
+        perturbed (a tap records, and a fault perturbs, the activations' dtype; the GEMM rounds it the same)."""
+        watched = (layer, op) in self.perturb or self.rec is not None and self.rec.wants(op, layer)
+        return None if watched else self.narrow
+
+
 class Qwen2Model:
     """A Qwen2 forward over a GGUF file.
 
@@ -413,30 +440,11 @@ class Qwen2Model:
         """Everything after the embedding lookup, for embedded tokens `x` (T, hidden) at positions start... Only
         device work: `start` may be a device tensor (a decode step captured as a CUDA graph, whose recorder, if any,
         takes no positions: the graph's caller knows them)."""
-        cfg, rec, opts = self.cfg, recorder, self.options
+        cfg = self.cfg
         T, H, KV, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pos = torch.arange(T, device=self.device) + start  # the positions, on the device
-        positions = list(range(start, start + T)) if rec is not None and isinstance(start, int) else None
-
-        perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
-
-        def gemm_input(op: str, layer: int) -> torch.dtype | None:
-            """The dtype to write an op read only by GEMMs in: the backend's input dtype, unless the op is tapped or
-            perturbed (a tap records, and a fault perturbs, the activations' dtype; the GEMM rounds it the same)."""
-            narrow = self.backend.input_dtype
-            watched = (layer, op) in perturb or rec is not None and rec.wants(op, layer)
-            if narrow is None or watched or opts.activation_quant is not None:  # q8_k rounds the activations' dtype
-                return None
-            return narrow
-
-        def tap(op: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-            """The op's output as the rest of the forward sees it: a planted fault applied, then recorded."""
-            if perturb and (layer, op) in perturb:  # in the activations' dtype (a bf16 GEMM output is converted)
-                x = perturb_output(x.to(self.dtype), *perturb[(layer, op)], hd)
-            if rec is not None:
-                rec.record(op, layer, x, positions)
-            return x
-
+        tap = ForwardTaps(self, recorder, path, start, T)
+        gemm_input = tap.gemm_input
         x = tap(EMBEDDING, GLOBAL_LAYER, x)  # (T, hidden)
         cos, sin = self._rope(pos)  # sin as `rotate` takes it (rotation_sin)
         for L in range(cfg.n_layers):
@@ -465,7 +473,8 @@ class Qwen2Model:
             x = tap("post_ffn_residual", L, x + tap("ffn_out", L, d))
         rows = slice(-1, None) if logits_for == "last" else logits_for  # a slice: some rows only (half a window)
         if isinstance(rows, slice):
-            x, positions = x[rows], (positions[rows] if positions is not None else None)
+            x = x[rows]
+            tap.positions = tap.positions[rows] if tap.positions is not None else None
         h = tap(FINAL_NORM, GLOBAL_LAYER, rms_norm(x, self.small(OUTPUT_NORM), self.rms_eps))
         head = TOKEN_EMBD if self.cfg.tied_embeddings else OUTPUT
         w = None if self.backend.holds("lm_head") else self._w(head)
