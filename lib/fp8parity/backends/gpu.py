@@ -242,6 +242,7 @@ class TEBackend(LinearBackend):
         self.recipe_name = recipe
         self.phase = "run"  # "calibrate" and "update" during delayed-calibrated preparation
         self.modules: dict[str, torch.nn.Module] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, padded on the device, its rows)
         # a GPU reference whose fp32 device weights the modules take as their parameters (the same values, one copy)
         self.weights_from: LinearBackend | None = None
 
@@ -306,9 +307,17 @@ class TEBackend(LinearBackend):
         self._quantized.add(key)
         return first
 
+    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x on the device in fp32 with its rows padded, once for the GEMMs that read the same tensor (q, k, v; gate,
+        up): one pad kernel, not three. The same object, not equal values: it is held, so its identity cannot pass to
+        another tensor."""
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, *_pad_rows(x.to(self.device, torch.float32)))
+        return self._last[1], self._last[2]
+
     def linear(self, x, w, b, key):
         mod = self.module(w, b, key)
-        xp, t = _pad_rows(x.to(self.device, torch.float32))
+        xp, t = self._input(x)
         first = self._first_microbatch(key)
         if self.phase == "calibrate":
             with torch.enable_grad(), self.te.autocast(enabled=False, calibrating=True, recipe=self.recipe):
