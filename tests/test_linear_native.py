@@ -58,3 +58,20 @@ def test_leaving_bf16_outputs_narrow_changes_no_bit(tiny_path, perturb):
     if perturb:
         clean = Qwen2Model(g, backend=CPUBF16(True))
         assert not torch.equal(run(clean, ids, "prefill", "")[LOGITS], run(narrow, ids, "prefill", "")[LOGITS])
+
+
+def test_a_shared_input_is_prepared_once_per_tensor_object():
+    """`shared_input` (bf16's cast, te's pad) prepares the GEMMs' common input once: again for another tensor, even
+    one with equal values, and never handing one tensor's prepared copy to another."""
+    backend, calls = ReferenceBackend(), []
+
+    def prepare(t):
+        calls.append(t)
+        return t * 2
+
+    x, same_values = torch.arange(4.0), torch.arange(4.0)
+    first = backend.shared_input(x, prepare)
+    assert backend.shared_input(x, prepare) is first and len(calls) == 1  # q, k, v: one preparation
+    other = backend.shared_input(same_values, prepare)
+    assert other is not first and len(calls) == 2 and torch.equal(other, first)
+    assert backend.shared_input(x, prepare) is not first and len(calls) == 3  # only the last input is held

@@ -19,7 +19,7 @@ from gguf import MODEL_TENSOR
 from fp8parity.errors import WorkbookError
 from fp8parity.gguf_file import GGUFModel, ModelConfig
 from fp8parity.names import OUTPUT, OUTPUT_NORM, TOKEN_EMBD, tensor_name
-from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LOGITS, Recorder
+from fp8parity.taps import EMBEDDING, FINAL_NORM, GLOBAL_LAYER, LINEAR_OPS, LOGITS, Recorder
 
 
 @dataclass
@@ -155,11 +155,11 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
 # nothing at 128 (benchmarks/gpu_speed.py); the cascade's prompts and notebook 09's 512-token windows stay below
 FUSED_ATTENTION_MIN_TOKENS = 1024
 
-# A block's linear layers by the input they read, as (GGUF tensor kind, op): a backend may run a group as one GEMM
-QKV = ((MODEL_TENSOR.ATTN_Q, "q_proj"), (MODEL_TENSOR.ATTN_K, "k_proj"), (MODEL_TENSOR.ATTN_V, "v_proj"))
-ATTN_OUT = ((MODEL_TENSOR.ATTN_OUT, "attn_out"),)
-GATE_UP = ((MODEL_TENSOR.FFN_GATE, "ffn_gate"), (MODEL_TENSOR.FFN_UP, "ffn_up"))
-FFN_DOWN = ((MODEL_TENSOR.FFN_DOWN, "ffn_out"),)
+# A block's linear layers grouped by the tap they read (q, k, v: attn_norm; gate, up: ffn_norm), as (op, GGUF tensor
+# kind, bias) in forward order: a backend may run a group as one GEMM
+GEMMS_BY_INPUT: dict[str, tuple[tuple[str, MODEL_TENSOR, bool], ...]] = {
+    tap_in: tuple((op, kind, bias) for op, i, kind, bias in LINEAR_OPS if i == tap_in)
+    for tap_in in dict.fromkeys(i for _, i, _, _ in LINEAR_OPS)}
 
 
 def causal_mask(S: int, T: int, start: int | torch.Tensor, device) -> torch.Tensor:
@@ -380,14 +380,13 @@ class Qwen2Model:
         """(w, b, key) as a backend takes them: no w where the backend holds its own (not dequantized again)."""
         return None if self.backend.holds(key) else self._w(weight), self.small(bias) if bias else None, key
 
-    def _block_linears(self, x: torch.Tensor, layer: int, ops: tuple[tuple[MODEL_TENSOR, str], ...],
-                       bias: bool = False) -> list[torch.Tensor]:
-        """A block's linear layers of one input, by GGUF tensor kind (blk.<layer>.<kind>.weight, and .bias where it
-        has one) and op, as the backend leaves them (`linear_native`: bf16 stays bf16 until an op converts it)."""
+    def _block_linears(self, x: torch.Tensor, layer: int, tap_in: str) -> list[torch.Tensor]:
+        """A block's linear layers that read the tap `tap_in` (`GEMMS_BY_INPUT`; blk.<layer>.<kind>.weight, and .bias
+        where it has one), as the backend leaves them (`linear_native`: bf16 stays bf16 until an op converts it)."""
         if self.options.activation_quant == "q8_k":
             x = quantize_q8_k(x)
         gemms = [self._gemm_operands(tensor_name(kind, layer), tensor_name(kind, layer, "bias") if bias else None,
-                                     f"{layer}.{op}") for kind, op in ops]
+                                     f"{layer}.{op}") for op, kind, bias in GEMMS_BY_INPUT[tap_in]]
         return self.backend.linear_group(x, gemms)
 
     @property
@@ -450,7 +449,7 @@ class Qwen2Model:
         for L in range(cfg.n_layers):
             h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps,
                                              gemm_input("attn_norm", L)))
-            q, k, v = self._block_linears(h, L, QKV, bias=True)  # (T, H*hd), (T, KV*hd), (T, KV*hd)
+            q, k, v = self._block_linears(h, L, "attn_norm")  # (T, H*hd), (T, KV*hd), (T, KV*hd)
             q, k, v = tap("q_proj", L, q), tap("k_proj", L, k), tap("v_proj", L, v)
             qk = rotate(torch.cat((q.view(T, H, hd), k.view(T, KV, hd)), 1), cos, sin)  # one RoPE: 5 kernels, not 8
             q = tap("q_post_rope", L, qk[:, :H].contiguous())  # q laid out as before (no copy for one token)
@@ -461,15 +460,15 @@ class Qwen2Model:
                 mask = causal_mask(kt.shape[1], T, start, self.device)
             attn = self._attention(q.view(T, H, hd).transpose(0, 1), kt, vt, start, mask)  # (H, T, hd)
             attn = tap("attention", L, attn.transpose(0, 1).reshape(T, H * hd))
-            (o,) = self._block_linears(attn, L, ATTN_OUT)
+            (o,) = self._block_linears(attn, L, "attention")
             x = tap("post_attn_residual", L, x + tap("attn_out", L, o))  # a bf16 o promotes: the same sum
             h = tap("ffn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.FFN_NORM, L)), self.rms_eps,
                                             gemm_input("ffn_norm", L)))
-            g, u = self._block_linears(h, L, GATE_UP)
+            g, u = self._block_linears(h, L, "ffn_norm")
             g, u = tap("ffn_gate", L, g), tap("ffn_up", L, u)
             # silu in x's dtype; a bf16 u promotes
             s = tap("ffn_swiglu", L, multiply(torch.nn.functional.silu(g.to(x.dtype)), u, gemm_input("ffn_swiglu", L)))
-            (d,) = self._block_linears(s, L, FFN_DOWN)
+            (d,) = self._block_linears(s, L, "ffn_swiglu")
             x = tap("post_ffn_residual", L, x + tap("ffn_out", L, d))
         rows = slice(-1, None) if logits_for == "last" else logits_for  # a slice: some rows only (half a window)
         if isinstance(rows, slice):

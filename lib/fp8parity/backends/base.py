@@ -25,6 +25,7 @@ class LinearBackend:
         self.stats: dict[str, dict] = {}
         self.collect_stats = False  # per-GEMM FP8 statistics: only on request (stage E), never in a timed forward
         self._weight_stats: dict[str, tuple[torch.Tensor, dict]] = {}
+        self._shared: tuple[torch.Tensor, object] | None = None  # (an input, what `shared_input` made of it)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, key: str) -> torch.Tensor:
         """x @ w.T + b as this backend computes it; `w` may be None when `holds(key)`: the backend kept its own copy."""
@@ -40,6 +41,13 @@ class LinearBackend:
                      ) -> list[torch.Tensor]:
         """Several GEMMs of one input, (w, b, key) each, in this order (q, k, v; gate, up): `linear_native` each."""
         return [self.linear_native(x, w, b, key) for w, b, key in gemms]
+
+    def shared_input(self, x: torch.Tensor, prepare):
+        """prepare(x), made once for the GEMMs that read the same tensor (q, k, v; gate, up): one cast or pad kernel, not
+        three. Keyed by the same object, not equal values: the tensor is held, so its identity cannot pass to another."""
+        if self._shared is None or self._shared[0] is not x:
+            self._shared = (x, prepare(x))
+        return self._shared[1]
 
     def holds(self, key: str) -> bool:
         """Whether the backend already holds its own copy of this GEMM's weight (so the forward need not fetch it)."""

@@ -96,17 +96,13 @@ class BF16Backend(LinearBackend):
         self._w: dict[str, torch.Tensor] = {}
         self._b: dict[str, torch.Tensor | None] = {}
         self._fused: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its bf16 copy)
 
     def holds(self, key):
         return key in self._w
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        """x in bf16, rounded once for the GEMMs that read the same tensor (q, k, v; gate, up): one cast kernel, not
-        three. The same object, not equal values: the tensor is held, so its identity cannot pass to another."""
-        if self._last is None or self._last[0] is not x:
-            self._last = (x, x.to(self.device, torch.bfloat16))
-        return self._last[1]
+        """x in bf16, rounded once for the GEMMs that read it."""
+        return self.shared_input(x, lambda t: t.to(self.device, torch.bfloat16))
 
     def _bf16(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(self.device, torch.bfloat16)
@@ -242,7 +238,6 @@ class TEBackend(LinearBackend):
         self.recipe_name = recipe
         self.phase = "run"  # "calibrate" and "update" during delayed-calibrated preparation
         self.modules: dict[str, torch.nn.Module] = {}
-        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, padded on the device, its rows)
         # a GPU reference whose fp32 device weights the modules take as their parameters (the same values, one copy)
         self.weights_from: LinearBackend | None = None
 
@@ -308,12 +303,8 @@ class TEBackend(LinearBackend):
         return first
 
     def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x on the device in fp32 with its rows padded, once for the GEMMs that read the same tensor (q, k, v; gate,
-        up): one pad kernel, not three. The same object, not equal values: it is held, so its identity cannot pass to
-        another tensor."""
-        if self._last is None or self._last[0] is not x:
-            self._last = (x, *_pad_rows(x.to(self.device, torch.float32)))
-        return self._last[1], self._last[2]
+        """x on the device in fp32 with its rows padded (and its row count), once for the GEMMs that read it."""
+        return self.shared_input(x, lambda t: _pad_rows(t.to(self.device, torch.float32)))
 
     def linear(self, x, w, b, key):
         mod = self.module(w, b, key)
