@@ -53,6 +53,30 @@ def test_recorder_subset_and_off_by_default(tiny):
     assert set(rec.tensors) == {(0, 1, "attn_norm"), (0, -1, "logits")}
 
 
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+@pytest.mark.parametrize("layers, ops", [([0], ["attn_norm", "q_proj"]), ([], ["embedding"]), ([0, 1], ["attention"])])
+def test_a_recorder_that_keeps_nothing_past_a_layer_ends_the_forward_there(tiny, path, layers, ops):
+    """What a drill-down of an early op records: the same bits as the whole forward's taps, from a forward that stops
+    after the last layer kept (the ops after it are never computed, and there are no logits)."""
+    ids = GGUFTokenizer(tiny).chat_ids("What is 2+2?")
+    m = Qwen2Model(tiny)
+    whole, early = Recorder(), Recorder(layers=layers, ops=ops)
+    assert early.last_layer() == max(layers, default=-1)
+    m.run(ids, path, whole)
+    ran: list[int] = []
+    blocks = m._block_linears
+    m._block_linears = lambda x, layer, tap_in: ran.append(layer) or blocks(x, layer, tap_in)
+    assert m.run(ids, path, early) is None
+    assert set(ran) == set(layers)  # no GEMM of a later layer ran
+    assert set(early.tensors) == {k for k in whole.tensors if k[2] in ops and (k[1] in layers or k[1] == -1)}
+    assert len(early.tensors) == len(ids) * (len(ops) * max(len(layers), 1))
+    for k, v in early.tensors.items():
+        assert torch.equal(v, whole.tensors[k]), k
+    for keeps_the_end in (Recorder(layers=[0], ops=["attn_norm", "logits"]), Recorder(ops=["attn_norm"]),
+                          Recorder(layers=[0])):
+        assert keeps_the_end.last_layer() is None and m.run(ids, path, keeps_the_end) is not None
+
+
 def test_rope_rotates_pairs_and_keeps_norm():
     x = torch.randn(5, 2, 64, dtype=torch.float64)
     cos, sin = rope_tables(torch.arange(5), 64, 1e6, torch.float64, "cpu")

@@ -48,6 +48,9 @@ class _CaptureRecorder:
     def wants(self, op: str, layer: int) -> bool:
         return self.recorder.wants(op, layer)
 
+    def last_layer(self) -> int | None:
+        return self.recorder.last_layer()  # None: a recorder that ends the forward early is not captured
+
     def record(self, op: str, layer: int, x: torch.Tensor, positions) -> None:
         if self.wants(op, layer):
             self.taps.append((op, layer, private_copy(x)))
@@ -107,8 +110,10 @@ class CudaGraphs:
             key = ("decode", cache.capacity)
         else:
             return None  # a prefill continuing a cache: eager
-        if recorder is not None and (T > 1 or isinstance(logits_for, slice)):
-            return None  # a traced prefill is one forward; its graph would hold every tap (7B, 2048 tokens: 20 GB)
+        if recorder is not None and (T > 1 or isinstance(logits_for, slice) or recorder.last_layer() is not None):
+            # a traced prefill is one forward; its graph would hold every tap (7B, 2048 tokens: 20 GB); a recorder that
+            # ends the forward early keeps a few taps of a few layers
+            return None
         key += ("traced", recorder.filter_key()) if recorder is not None else ()
         if key not in self.graphs and key not in self.seen:
             self.seen.add(key)

@@ -235,10 +235,7 @@ class KVCache:
 
     k: list[torch.Tensor | None] = field(default_factory=list)
     v: list[torch.Tensor | None] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.k or self.k[0] is None else self.k[0].shape[1]
+    length: int = 0  # positions run so far (counted: a forward that ends early stores no layer's keys)
 
     def reserve(self, n_layers: int, tokens: int) -> None:
         if not self.k:
@@ -252,7 +249,8 @@ class KVCache:
         return k, v
 
     def advance(self, tokens: int) -> None:
-        """The forward is done (the length follows the tensors here)."""
+        """The forward is done."""
+        self.length += tokens
 
 
 class StaticKVCache:
@@ -306,6 +304,8 @@ class ForwardTaps:
         self.rec, self.dtype, self.head_dim = recorder, model.dtype, model.cfg.head_dim
         self.perturb = {(L, op): (kind, m) for L, op, kind, m, on in opts.perturb if on in (path, "both")}
         self.positions = list(range(start, start + T)) if recorder is not None and isinstance(start, int) else None
+        # a recorder that keeps nothing past a layer ends the forward there (a drill-down of layer 0's ops)
+        self.last_layer = recorder.last_layer() if recorder is not None else None
         # q8_k (a fault) rounds the activations' dtype
         self.narrow = model.backend.input_dtype if opts.activation_quant is None else None
 
@@ -412,8 +412,9 @@ class Qwen2Model:
     # --- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, ids: list[int], cache: KVCache | None = None, recorder: Recorder | None = None,
-                logits_for: str | slice = "all", path: str = "prefill") -> torch.Tensor:
-        """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab).
+                logits_for: str | slice = "all", path: str = "prefill") -> torch.Tensor | None:
+        """Run T tokens at positions cache.length ... cache.length+T-1; returns logits (T or 1, vocab), or None where
+        the recorder keeps nothing past a layer (`Recorder.last_layer`: the forward ends there).
 
         `path` names the engine path this call belongs to (prefill, or a decode step): faults may be tied to one."""
         if self.graphs is not None:
@@ -424,7 +425,7 @@ class Qwen2Model:
             return self._forward(ids, cache, recorder, logits_for, path)
 
     def _forward(self, ids: list[int], cache: KVCache | StaticKVCache | None, recorder: Recorder | None,
-                 logits_for: str | slice, path: str) -> torch.Tensor:
+                 logits_for: str | slice, path: str) -> torch.Tensor | None:
         if cache is None:
             cache = KVCache()
         cache.reserve(self.cfg.n_layers, len(ids))
@@ -435,7 +436,7 @@ class Qwen2Model:
         return logits
 
     def body(self, x: torch.Tensor, start: int | torch.Tensor, cache: KVCache | StaticKVCache,
-             recorder: Recorder | None, logits_for: str | slice, path: str) -> torch.Tensor:
+             recorder: Recorder | None, logits_for: str | slice, path: str) -> torch.Tensor | None:
         """Everything after the embedding lookup, for embedded tokens `x` (T, hidden) at positions start... Only
         device work: `start` may be a device tensor (a decode step captured as a CUDA graph, whose recorder, if any,
         takes no positions: the graph's caller knows them)."""
@@ -446,7 +447,7 @@ class Qwen2Model:
         gemm_input = tap.gemm_input
         x = tap(EMBEDDING, GLOBAL_LAYER, x)  # (T, hidden)
         cos, sin = self._rope(pos)  # sin as `rotate` takes it (rotation_sin)
-        for L in range(cfg.n_layers):
+        for L in range(cfg.n_layers if tap.last_layer is None else tap.last_layer + 1):
             h = tap("attn_norm", L, rms_norm(x, self.small(tensor_name(MODEL_TENSOR.ATTN_NORM, L)), self.rms_eps,
                                              gemm_input("attn_norm", L)))
             q, k, v = self._block_linears(h, L, "attn_norm")  # (T, H*hd), (T, KV*hd), (T, KV*hd)
@@ -470,6 +471,8 @@ class Qwen2Model:
             s = tap("ffn_swiglu", L, multiply(torch.nn.functional.silu(g.to(x.dtype)), u, gemm_input("ffn_swiglu", L)))
             (d,) = self._block_linears(s, L, "ffn_swiglu")
             x = tap("post_ffn_residual", L, x + tap("ffn_out", L, d))
+        if tap.last_layer is not None:
+            return None  # the recorder has all it keeps: no logits
         rows = slice(-1, None) if logits_for == "last" else logits_for  # a slice: some rows only (half a window)
         if isinstance(rows, slice):
             x = x[rows]
@@ -515,15 +518,17 @@ class Qwen2Model:
         return StaticKVCache(self.cfg, CudaGraphs.capacity_for(tokens), self.device, self.dtype)
 
     def prefill(self, ids: list[int], recorder: Recorder | None = None, logits_for: str | slice = "all",
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor | None:
         return self.forward(ids, cache=cache, recorder=recorder, logits_for=logits_for)
 
-    def decode_serial(self, ids: list[int], recorder: Recorder | None = None) -> torch.Tensor:
-        """Token by token against a KV cache; logits (T, vocab) stacked from each step."""
+    def decode_serial(self, ids: list[int], recorder: Recorder | None = None) -> torch.Tensor | None:
+        """Token by token against a KV cache; logits (T, vocab) stacked from each step (None where the recorder ends
+        each step early: `Recorder.last_layer`)."""
         cache = self.new_cache(len(ids))
-        return torch.cat([self.forward([i], cache=cache, recorder=recorder, path="decode") for i in ids], dim=0)
+        steps = [self.forward([i], cache=cache, recorder=recorder, path="decode") for i in ids]
+        return None if steps[-1] is None else torch.cat(steps, dim=0)
 
-    def run(self, ids: list[int], path: str = "prefill", recorder: Recorder | None = None) -> torch.Tensor:
+    def run(self, ids: list[int], path: str = "prefill", recorder: Recorder | None = None) -> torch.Tensor | None:
         if path == "prefill":
             return self.prefill(ids, recorder)
         if path == "decode":

@@ -85,6 +85,14 @@ class Recorder:
         return (None if self.layers is None else tuple(sorted(self.layers)),
                 None if self.ops is None else tuple(sorted(self.ops)))
 
+    def last_layer(self) -> int | None:
+        """The last layer this recorder keeps anything of where it keeps nothing of the forward's end (its ops exclude
+        the final norm and the logits): a forward may stop after that layer (-1: after the embedding). None: it needs
+        the forward to the end."""
+        if self.ops is None or self.layers is None or self.ops & {FINAL_NORM, LOGITS}:
+            return None
+        return max(self.layers, default=GLOBAL_LAYER)
+
     def wants(self, op: str, layer: int) -> bool:
         if self.ops is not None and op not in self.ops:
             return False
