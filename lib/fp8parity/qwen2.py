@@ -186,9 +186,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     if q.is_cuda and T >= FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16 and q.dtype != torch.float64:  # no fp64 kernel
         causal = isinstance(start, int) and start == 0 and S == T  # the mask is the kernel's own causal one
         return fused_attention(q, k, v, None if causal else mask, 1 / math.sqrt(hd) if scale is None else scale)
-    scores = q @ k.transpose(1, 2)  # (H, T, S)
-    scores = scores / math.sqrt(hd) if scale is None else scores * scale
-    scores = scores.masked_fill(mask, float("-inf"))
+    scores = q @ k.transpose(1, 2)  # (H, T, S), fresh: scaled and masked in place (the same bits, no new buffers)
+    scores = scores.div_(math.sqrt(hd)) if scale is None else scores.mul_(scale)
+    scores = scores.masked_fill_(mask, float("-inf"))
     if softmax_fp16:
         return torch.softmax(scores.half(), dim=-1).to(v.dtype) @ v
     return torch.softmax(scores, dim=-1) @ v
