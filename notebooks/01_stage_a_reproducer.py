@@ -82,7 +82,7 @@ from safetensors.torch import save_file
 
 fig = plots.affine_drift(result.reference.numpy(), result.candidate.numpy(), result.fit.slope, result.fit.intercept,
                          result.fit.pearson_r)
-fig.savefig(wb.run_dir / "affine_drift.png", dpi=110)
+display(plots.save(fig, wb.run_dir / "affine_drift.png"))
 # safetensors, not torch.save: the summary reads the logits with numpy alone
 save_file({"reference": result.reference.contiguous(), "candidate": result.candidate.contiguous()},
           wb.run_dir / "stage_a_logits.safetensors")

@@ -114,7 +114,7 @@ display(Markdown(verdict.markdown()))
 # %%
 for (prompt, path), t in result.local.groupby(["prompt", "path"]):
     fig = plots.local_error_per_layer(t, rule.factor, f"local error vs twin — prompt {prompt}, {path} path")
-    fig.savefig(wb.run_dir / f"stage_b_local_prompt{prompt}_{path}.png", dpi=110)
+    display(plots.save(fig, wb.run_dir / f"stage_b_local_prompt{prompt}_{path}.png"))
 
 # %% [markdown]
 # ## Drift against the reference
@@ -123,10 +123,10 @@ for (prompt, path), t in result.local.groupby(["prompt", "path"]):
 
 # %%
 if not CANDIDATE_TRACE:
-    plots.drift_per_layer(result.table).savefig(wb.run_dir / "stage_b_drift.png", dpi=110)
+    display(plots.save(plots.drift_per_layer(result.table), wb.run_dir / "stage_b_drift.png"))
     for (prompt, path), t in result.table.groupby(["prompt", "path"]):
         fig = plots.cosine_per_layer(t, THRESHOLD, f"cosine vs reference — prompt {prompt}, {path} path")
-        fig.savefig(wb.run_dir / f"stage_b_prompt{prompt}_{path}.png", dpi=110)
+        display(plots.save(fig, wb.run_dir / f"stage_b_prompt{prompt}_{path}.png"))
     display(Markdown(f"End to end, the candidate's prefill logits are {verdict.drift['candidate']:.3g} (rel. L2) from "
                      f"the reference; its twin's {verdict.drift['twin']:.3g} ({verdict.drift['ratio']:.2f}×)."))
 

@@ -76,7 +76,7 @@ display(Markdown(verdict.markdown()))
 fig = plots.per_dim({"candidate vs reference (max over positions)": result.ulps[0].max(0) + 1,
                      "eps 1e-5 vs file eps": result.eps_ulp.max(0) + 1},
                     "ULP distance + 1", limit=2, title="layer-0 attn_norm: fp32 ULPs per dim")
-fig.savefig(wb.run_dir / "stage_d_ulp.png", dpi=110)
+display(plots.save(fig, wb.run_dir / "stage_d_ulp.png"))
 e = result.eps_effect
 display(Markdown(f"eps 1e-5 instead of {e['file_eps']:.0e}: up to **{e['max_ulp']:,} ULP** (median "
                  f"{e['median_ulp']:.0f}), max abs {e['max_abs']:.2e}, cosine {e['cosine']:.9f}. It matters most where "

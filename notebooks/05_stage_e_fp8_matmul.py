@@ -81,7 +81,7 @@ display(Markdown(verdict.markdown()))
 # %%
 fig = plots.per_dim(result.per_dim, "relative error per output dim", limit=0.01,
                     title="first layer Q/K/V on model activations vs fp64")
-fig.savefig(wb.run_dir / "stage_e_per_dim.png", dpi=110)
+display(plots.save(fig, wb.run_dir / "stage_e_per_dim.png"))
 
 # %% [markdown]
 # FP8 statistics of each GEMM's operands: amax, scale, and how much was flushed to zero, left subnormal (1–3
@@ -100,7 +100,7 @@ g = g.assign(name="L" + g.layer.astype(str) + " " + g.gemm + " M=" + g.batch.ast
 fig = plots.bars(g, "name", ["rel_l2", "control_rel_l2", "well_scaled_rel_l2"],
                  "candidate error vs the cast-to-representable control and a well-scaled E4M3 GEMM",
                  "relative L2 error vs fp64")
-fig.savefig(wb.run_dir / "stage_e_control.png", dpi=110)
+display(plots.save(fig, wb.run_dir / "stage_e_control.png"))
 
 # %% [markdown]
 # ## Drill down

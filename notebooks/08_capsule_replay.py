@@ -69,4 +69,4 @@ table.pivot_table(index=["layer", "gemm", "quant"], columns="backend", values="c
 # %%
 fig = plots.bars(table[table.backend != "reference"].assign(name=lambda d: "L" + d.layer.astype(str) + " " + d.gemm),
                  "name", ["rel_l2_vs_fp64"], "capsule GEMMs on the candidate", "relative L2 error vs fp64")
-fig.savefig(wb.run_dir / "capsule_replay.png", dpi=110)
+display(plots.save(fig, wb.run_dir / "capsule_replay.png"))

@@ -74,7 +74,7 @@ result.table()
 
 # %%
 fig = plots.distribution(result.stats, "candidate vs reference")
-fig.savefig(wb.run_dir / "distribution.png", dpi=110)
+display(plots.save(fig, wb.run_dir / "distribution.png"))
 
 # %% [markdown]
 # Where the candidate disagrees most: the positions with the largest KLD, with the text around them (the scored token

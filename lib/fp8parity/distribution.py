@@ -232,7 +232,7 @@ def compare_backends(model: str, candidates: list[str], runs_dir: str = "runs", 
 
     import pandas as pd
 
-    from fp8parity.plots import bars
+    from fp8parity.plots import DPI, bars
     from fp8parity.runner import run_all
 
     configs = []
@@ -258,7 +258,7 @@ def compare_backends(model: str, candidates: list[str], runs_dir: str = "runs", 
     df.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
     bars(df, "candidate", ["mean_kld"], "mean KLD against the reference over the corpus", "nats", log=True
-         ).savefig(out / "comparison.png", dpi=110)
+         ).savefig(out / "comparison.png", dpi=DPI)
     print(df.to_markdown(index=False, floatfmt=".4g"))
     print(f"comparison: {out / 'comparison.md'}")
     return out

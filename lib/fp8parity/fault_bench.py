@@ -133,9 +133,9 @@ def _write_localization(rows: list[dict], run_dir: Path, meta: dict) -> pd.DataF
     (run_dir / "localization.md").write_text(table + "\n")
     measured = df[df.slope.notna()] if "slope" in df else df.iloc[0:0]
     if len(measured):
-        from fp8parity.plots import affine_signatures
+        from fp8parity.plots import DPI, affine_signatures
 
-        affine_signatures(measured).savefig(run_dir / "affine_signatures.png", dpi=110)
+        affine_signatures(measured).savefig(run_dir / "affine_signatures.png", dpi=DPI)
     print(table)
     print(f"localization table: {run_dir / 'localization.md'}")
     ran = df[df.localized.notna()]
@@ -191,7 +191,7 @@ def run_sweep(model: str, candidates: list[str], run_dir: Path) -> pd.DataFrame:
     """The detection-limit sweep: table, per-trial CSV, clean runs and figure into run_dir."""
     from fp8parity.detection import sweep
     from fp8parity.fault_results import detection_limits
-    from fp8parity.plots import detection_curves
+    from fp8parity.plots import DPI, detection_curves
 
     trials, cleans = sweep(model, candidates)
     trials.to_csv(run_dir / "sweep_trials.csv", index=False)
@@ -199,7 +199,7 @@ def run_sweep(model: str, candidates: list[str], run_dir: Path) -> pd.DataFrame:
     limits = detection_limits(trials)
     text = limits.to_markdown(index=False, floatfmt=".3g")
     (run_dir / "detection_limits.md").write_text(text + "\n\nclean runs:\n\n" + cleans.to_markdown(index=False) + "\n")
-    detection_curves(trials).savefig(run_dir / "detection_limits.png", dpi=110)
+    detection_curves(trials).savefig(run_dir / "detection_limits.png", dpi=DPI)
     print(text)
     print(cleans.to_markdown(index=False))
     print(f"detection limits: {run_dir / 'detection_limits.md'}")
