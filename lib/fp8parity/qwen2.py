@@ -11,6 +11,7 @@ backends and faults swap a part and the model code stays one.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,7 @@ class WeightStore:
         self.gguf, self.dtype, self.keep = gguf, dtype, keep
         self.device = torch.device("cpu")
         self._kept: dict[str, torch.Tensor] = {}
-        self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # streamed: one reused buffer per tensor kind (`_buffer`)
         self._cache = None  # fp8parity.weight_cache: the model's dequantized weights on disk, opened on first use
 
     def _cached(self, name: str) -> torch.Tensor | None:
@@ -78,6 +79,16 @@ class WeightStore:
             self._cache = weight_cache.open_cache(self.gguf) or False
         return weight_cache.get(self._cache, name) if self._cache else None
 
+    def _buffer(self, name: str) -> torch.Tensor:
+        """A streamed weight's buffer, one per kind of tensor (blk.3.attn_k.weight: attn_k.weight), reused by the next
+        block's: the weights a block reads together (q, k, v; gate, up), alike in shape, never overwrite one another."""
+        kind = re.sub(r"^blk\.\d+\.", "", name)
+        shape = self.gguf.shape(name)
+        buf = self._buffers.get(kind)
+        if buf is None or buf.shape != shape:
+            buf = self._buffers[kind] = torch.empty(shape, dtype=torch.float32)
+        return buf
+
     def get(self, name: str) -> torch.Tensor:
         if name in self._kept:
             return self._kept[name]
@@ -85,11 +96,7 @@ class WeightStore:
             w = self._cached(name)
             w = self.gguf.tensor(name) if w is None else w
         else:
-            shape = self.gguf.shape(name)
-            buf = self._buffers.get(shape)
-            if buf is None:
-                buf = self._buffers[shape] = torch.empty(shape, dtype=torch.float32)
-            w = self.gguf.tensor(name, out=buf)
+            w = self.gguf.tensor(name, out=self._buffer(name))
         w = w.to(dtype=self.dtype)
         if self.keep:
             self._kept[name] = w
