@@ -53,6 +53,25 @@ def test_recorder_subset_and_off_by_default(tiny):
     assert set(rec.tensors) == {(0, 1, "attn_norm"), (0, -1, "logits")}
 
 
+@pytest.mark.parametrize("backend", ["reference", "emulated-fp8"])
+def test_streamed_weights_give_the_kept_weights_bits(tiny, backend):
+    """A model too large to keep streams its weights through reused buffers (a 7B on a small machine). The forward
+    fetches a group's weights (q, k, v; gate, up: alike in shape) before its GEMMs, so they must not share a buffer:
+    they did, and k ran with v's weights (the 7B-shaped run-all's stages A and E on the H200 found it)."""
+    from fp8parity.backends import make_backend
+
+    ids = GGUFTokenizer(tiny).chat_ids("What is 2+2?")
+    assert tiny.shape("blk.0.attn_k.weight") == tiny.shape("blk.0.attn_v.weight")  # the case that collided
+    for path in ("prefill", "decode"):
+        kept, streamed = Recorder(), Recorder()
+        a = Qwen2Model(tiny, backend=make_backend(backend, "current"), keep_weights=True).run(ids, path, kept)
+        m = Qwen2Model(tiny, backend=make_backend(backend, "current"), keep_weights=False)
+        assert not m.weights.keep
+        assert torch.equal(m.run(ids, path, streamed), a)
+        assert kept.tensors.keys() == streamed.tensors.keys()
+        assert all(torch.equal(v, streamed.tensors[k]) for k, v in kept.tensors.items())
+
+
 @pytest.mark.parametrize("path", ["prefill", "decode"])
 @pytest.mark.parametrize("layers, ops", [([0], ["attn_norm", "q_proj"]), ([], ["embedding"]), ([0, 1], ["attention"])])
 def test_a_recorder_that_keeps_nothing_past_a_layer_ends_the_forward_there(tiny, path, layers, ops):

@@ -380,7 +380,8 @@ class Qwen2Model:
         """A norm weight or bias on the model's device (kept: they are tiny)."""
         t = self._small.get(name)
         if t is None:
-            t = self._small[name] = self.weights.get(name).to(self.device, self.dtype)
+            # a copy: a streamed store hands out its reused buffer, which the next block's norm would overwrite
+            t = self._small[name] = self.weights.get(name).to(self.device, self.dtype, copy=True)
         return t
 
     def _gemm_operands(self, weight: str, bias: str | None, key: str) -> tuple:
