@@ -96,7 +96,8 @@ else:
 display(Markdown(distribution_line(run)))
 
 # %%
-links = " · ".join(f"[{p.stem}]({p.name})" for p in sorted(run.glob("0*.html")))
+# every executed notebook's report (run-all renders them beside the notebooks, while this one runs)
+links = " · ".join(f"[{p.stem}]({p.stem}.html)" for p in sorted(run.glob("[0-9][0-9]_*.ipynb")) if "summary" not in p.stem)
 display(Markdown("Reports: " + (links or "(rendered by `make run-all`)")))
 first = next(iter(sorted((run / "verdicts").glob("stage_*.json"))), None)
 provenance = json.loads(first.read_text())["provenance"] if first else {}

@@ -78,6 +78,13 @@ def check_html_template() -> None:
                             "share/jupyter folder that holds nbconvert/templates/lab.")
 
 
+def write_reports(notebooks: list[Path]) -> None:
+    """The HTML report of each executed notebook that exists (a notebook that failed early may have written none)."""
+    for ipynb in notebooks:
+        if ipynb.is_file():
+            to_html(ipynb)
+
+
 def to_html(ipynb: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
@@ -110,7 +117,8 @@ def declared(notebook: Path, params: dict) -> dict:
 
 
 def execute(nb: Path, run: Path, params: dict, quiet: bool) -> tuple[float, str | None]:
-    """One notebook into the run folder, then its HTML report: (seconds, None) or (seconds, why it failed)."""
+    """One notebook into the run folder: (seconds, None) or (seconds, why it failed). Its HTML report comes after
+    (`write_reports`)."""
     import papermill as pm
 
     out, t0, error = run / nb.name, time.perf_counter(), None
@@ -124,8 +132,6 @@ def execute(nb: Path, run: Path, params: dict, quiet: bool) -> tuple[float, str 
         error = last[-1] if last else type(exc).__name__
         print(f"[{nb.stem}] FAILED: {error}", file=sys.stderr, flush=True)
     seconds = round(time.perf_counter() - t0, 1)
-    if out.is_file():
-        to_html(out)
     if not quiet:
         print(f"[{nb.stem}] {seconds} s", flush=True)
     return seconds, error
@@ -264,7 +270,11 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     with kernel_environment(jobs, keep_freed_memory=weights_fit(gguf)):
         with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
-        results |= {nb: execute(nb, run, params, quiet) for nb in last}
+            # their reports rendered while the summary runs, on a core that would otherwise wait beside it
+            reports = pool.submit(write_reports, [run / nb.name for nb in first])
+            results |= {nb: execute(nb, run, params, quiet) for nb in last}
+            reports.result()
+        write_reports([run / nb.name for nb in last])
     failed = [nb.stem for nb in books if results[nb][1] is not None]
     timings = {nb.stem: results[nb][0] for nb in books} | {"total wall": round(time.perf_counter() - t0, 1)}
     (run / "timings.json").write_text(json.dumps(timings, indent=2))
