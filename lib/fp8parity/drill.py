@@ -1,6 +1,7 @@
 """The drill-down: one op at one position, on both sides — its inputs and its output, the error per dimension and
 the dimensions that differ most. Both forwards are rerun with a Recorder restricted to the op and its inputs, so it
-costs one forward a side and needs no stored trace."""
+needs no stored trace and costs at most one forward a side: the forward ends after the op's layer (`Recorder.last_layer`)
+unless the op is the final norm or the logits."""
 
 from __future__ import annotations
 
