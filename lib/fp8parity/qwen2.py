@@ -80,7 +80,7 @@ class WeightStore:
         return weight_cache.get(self._cache, name) if self._cache else None
 
     def _buffer(self, name: str) -> torch.Tensor:
-        """A streamed weight's buffer, one per kind of tensor (blk.3.attn_k.weight: attn_k.weight), reused by the next
+        """A streamed matrix's buffer, one per kind of tensor (blk.3.attn_k.weight: attn_k.weight), reused by the next
         block's: the weights a block reads together (q, k, v; gate, up), alike in shape, never overwrite one another."""
         kind = re.sub(r"^blk\.\d+\.", "", name)
         shape = self.gguf.shape(name)
@@ -92,13 +92,16 @@ class WeightStore:
     def get(self, name: str) -> torch.Tensor:
         if name in self._kept:
             return self._kept[name]
-        if self.keep:
-            w = self._cached(name)
+        # norms and biases are kept even when the matrices stream: they are tiny, and a buffer handed out twice would
+        # be overwritten under whoever still holds it
+        keep = self.keep or len(self.gguf.shape(name)) == 1
+        if keep:
+            w = self._cached(name) if self.keep else None
             w = self.gguf.tensor(name) if w is None else w
         else:
             w = self.gguf.tensor(name, out=self._buffer(name))
         w = w.to(dtype=self.dtype)
-        if self.keep:
+        if keep:
             self._kept[name] = w
         return w
 
@@ -380,8 +383,7 @@ class Qwen2Model:
         """A norm weight or bias on the model's device (kept: they are tiny)."""
         t = self._small.get(name)
         if t is None:
-            # a copy: a streamed store hands out its reused buffer, which the next block's norm would overwrite
-            t = self._small[name] = self.weights.get(name).to(self.device, self.dtype, copy=True)
+            t = self._small[name] = self.weights.get(name).to(self.device, self.dtype)
         return t
 
     def _gemm_operands(self, weight: str, bias: str | None, key: str) -> tuple:
