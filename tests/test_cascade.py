@@ -5,6 +5,7 @@ and every alarm is the fault's."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fp8parity import stages
 from fp8parity.config import RunConfig
@@ -188,14 +189,19 @@ def test_stage_f_measures_the_twins_noise_where_a_run_leaves_the_golden_output(t
 def test_stage_f_measures_a_divergence_on_the_logits_the_generation_decided_from(tiny_path, tmp_path):
     """generation_logits retraces generate (prefill, then one decode step per token): at every step its argmax is the
     token generate emitted, for the reference and for an FP8 candidate (whose prefill of the same prefix would round
-    differently: its activation scales change with the batch)."""
+    differently: its activation scales change with the batch); and the logits a generation keeps (what stage F
+    measures a divergence on) are those very numbers, bit for bit."""
     wb = Workbench(RunConfig(model=str(tiny_path), backend="emulated-fp8"), tmp_path)
     ids = wb.prompt_ids(0)
     apart = {}
     for name, model in (("reference", wb.reference), ("candidate", wb.candidate)):
-        out = model.generate(ids, 8, None).tokens
+        kept = model.generate(ids, 8, None, keep_logits=True)
+        out = kept.tokens
         steps = [model.generation_logits(ids, out[:k], 8) for k in range(len(out))]
         assert [int(s.argmax()) for s in steps] == out
+        assert kept.logits.shape == (len(out), steps[0].shape[-1])
+        assert all(torch.equal(kept.logits[k], steps[k]) for k in range(len(out)))
+        assert model.generate(ids, 8, None).logits is None  # kept only when asked
         prefilled = model.prefill(ids + out[:5], logits_for="last")[-1]
         apart[name] = float((prefilled - steps[5]).norm() / steps[5].norm())
     # measured: 8.3e-7 (fp32 summation order) and 0.13 (the candidate's E4M3 roundings follow its batch's scale)

@@ -303,6 +303,7 @@ class GenerationResult:
     text: str
     stop_reason: str  # "stop_token <id>" or "max_new_tokens"
     path: str = "prefill+decode"
+    logits: torch.Tensor | None = None  # keep_logits: (tokens, vocab) fp32 on the CPU, the row each token was picked from
 
 
 class ForwardTaps:
@@ -559,16 +560,20 @@ class Qwen2Model:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None,
-                 tokenizer=None) -> GenerationResult:
-        """Greedy decoding: prefill the prompt, then one token a step; stops on any of stop_ids."""
+                 tokenizer=None, keep_logits: bool = False) -> GenerationResult:
+        """Greedy decoding: prefill the prompt, then one token a step; stops on any of stop_ids. With `keep_logits`
+        the result holds the logits each token was picked from (what `generation_logits` computes again)."""
         cache = self.new_cache(len(prompt_ids) + max_new_tokens)
         logits = self.forward(prompt_ids, cache=cache, logits_for="last")
         out: list[int] = []
+        kept: list[torch.Tensor] = []
         reason = "max_new_tokens"
         stops = set(stop_ids or [])
         for _ in range(max_new_tokens):
             nxt = int(torch.argmax(logits[-1]))
             out.append(nxt)
+            if keep_logits:  # a copy: a CUDA graph's output buffer is overwritten by its next replay
+                kept.append(logits[-1].float().clone())
             if nxt in stops:
                 reason = f"stop_token {nxt}"
                 break
@@ -576,4 +581,5 @@ class Qwen2Model:
                 break
             logits = self.forward([nxt], cache=cache, path="decode")
         text = tokenizer.decode(out) if tokenizer is not None else ""
-        return GenerationResult(list(prompt_ids), out, text, reason)
+        return GenerationResult(list(prompt_ids), out, text, reason,
+                                logits=torch.stack(kept).cpu() if keep_logits else None)

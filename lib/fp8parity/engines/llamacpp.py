@@ -120,20 +120,25 @@ class LlamaCppEngine:
             logits = self._decode([t], len(prompt_ids) + k)[-1]
         return logits
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None, tokenizer=None):
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None, tokenizer=None,
+                 keep_logits: bool = False):
         """Greedy decoding as the reference's generate does it: the prompt's prefill, then one token a step."""
         from fp8parity.qwen2 import GenerationResult
 
         logits, out, stops, reason = self.prefill(prompt_ids, logits_for="last")[-1], [], set(stop_ids or []), ""
+        kept = []
         while not reason:
             out.append(int(torch.argmax(logits)))
+            if keep_logits:
+                kept.append(logits.float().clone())
             if out[-1] in stops:
                 reason = f"stop_token {out[-1]}"
             elif len(out) == max_new_tokens:
                 reason = "max_new_tokens"
             else:
                 logits = self._decode([out[-1]], len(prompt_ids) + len(out) - 1)[-1]
-        return GenerationResult(list(prompt_ids), out, tokenizer.decode(out) if tokenizer else "", reason)
+        return GenerationResult(list(prompt_ids), out, tokenizer.decode(out) if tokenizer else "", reason,
+                                logits=torch.stack(kept).cpu() if keep_logits else None)
 
     def close(self) -> None:
         proc = getattr(self, "_proc", None)

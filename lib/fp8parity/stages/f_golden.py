@@ -49,16 +49,21 @@ def twin_model(wb: Workbench) -> Qwen2Model | None:
 
 
 def first_divergence(wb: Workbench, ids: list[int], golden: list[int], out: list[int], max_new_tokens: int,
-                     twin: Qwen2Model | None = None) -> dict:
+                     twin: Qwen2Model | None = None, golden_logits: torch.Tensor | None = None,
+                     out_logits: torch.Tensor | None = None) -> dict:
     """Where a run leaves the golden output, and how close a call that was: the reference's margin between its token
     and the candidate's, the candidate's logit noise and its `twin`'s (`logit_noise`), and whether the two tokens are
     both sides' top two, swapped. All logits are the ones a generation decides from at that step, along the golden
-    prefix (its prefill and decode steps, not a prefill of the shared prefix, whose FP8 roundings differ)."""
+    prefix (its prefill and decode steps, not a prefill of the shared prefix, whose FP8 roundings differ): the two
+    generations' own (`golden_logits`, `out_logits`: `generate(keep_logits=True)`) where given, else computed again
+    (`generation_logits`, the same path); the twin's always computed."""
     i = next((k for k, (a, b) in enumerate(zip(golden, out, strict=False)) if a != b), min(len(golden), len(out)))
     if i >= min(len(golden), len(out)):  # one stopped where the other went on: never a near-tie
         return NO_DIVERGENCE | {"diverged_at": i, "divergence": "length"}
-    ref = wb.reference.generation_logits(ids, golden[:i], max_new_tokens).double().cpu()
-    cand = wb.candidate.generation_logits(ids, golden[:i], max_new_tokens).double().cpu()
+    ref = (wb.reference.generation_logits(ids, golden[:i], max_new_tokens) if golden_logits is None
+           else golden_logits[i]).double().cpu()
+    cand = (wb.candidate.generation_logits(ids, golden[:i], max_new_tokens) if out_logits is None
+            else out_logits[i]).double().cpu()
     twin_noise = math.nan if twin is None else logit_noise(twin.generation_logits(ids, golden[:i], max_new_tokens), ref)
     swapped = ref.topk(2).indices.tolist() == [golden[i], out[i]] and cand.topk(2).indices.tolist() == [out[i], golden[i]]
     return {"diverged_at": i, "divergence": "token", "ref_margin": float(ref[golden[i]] - ref[out[i]]),
@@ -76,14 +81,16 @@ def measure_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_
         wb.prepare_candidate(ids)
         if wb.backend.used_input_scales():  # delayed-calibrated: this prompt's scales
             twin = None
-        golden = wb.reference.generate(ids, max_new_tokens, stops, wb.tok)
+        # each generation keeps the logits it picked its tokens from: a divergence is measured on them, not recomputed
+        golden = wb.reference.generate(ids, max_new_tokens, stops, wb.tok, keep_logits=True)
         seen: dict[tuple, dict] = {}
         for r in range(runs):
-            out = wb.candidate.generate(ids, max_new_tokens, stops if use_stops else None, wb.tok)
+            out = wb.candidate.generate(ids, max_new_tokens, stops if use_stops else None, wb.tok, keep_logits=True)
             if out.tokens != golden.tokens and tuple(out.tokens) not in seen:
                 if twin is None:
                     twin = twin_model(wb)  # stays None for another engine (nothing to build)
-                seen[tuple(out.tokens)] = first_divergence(wb, ids, golden.tokens, out.tokens, max_new_tokens, twin)
+                seen[tuple(out.tokens)] = first_divergence(wb, ids, golden.tokens, out.tokens, max_new_tokens, twin,
+                                                           golden.logits, out.logits)
             rows.append({"prompt": prompt, "run": r + 1, "golden": golden.text, "output": out.text,
                          "stop_reason": out.stop_reason, "golden_stop_reason": golden.stop_reason,
                          "tokens": len(out.tokens), "matches_golden": out.tokens == golden.tokens,
