@@ -55,6 +55,9 @@ def test_a_second_candidate_reads_the_quantized_weights_and_computes_the_same_bi
     for got in (writes, reads):
         different = [k for k in plain if not torch.equal(plain[k], got[k])]
         assert got.keys() == plain.keys() and not different, different[:5]
+    # quantized or read back, every weight is held in the decode-friendly layout (emulated.column_major)
+    for wb in (first, second):
+        assert all(wq.stride() == (1, wq.shape[0]) for wq, *_ in wb.backend._weights.values())
 
 
 def test_only_runs_on_the_files_own_weights_use_it(tiny_path, tmp_path, cache_here):

@@ -32,9 +32,9 @@ FREE_MARGIN = 4 << 30  # disk left free after writing a file
 
 def code_version() -> str:
     """A hash of the code a quantized weight comes from: any edit to it names a new cache file."""
-    from fp8parity.backends.emulated import EmulatedFP8Backend
+    from fp8parity.backends.emulated import EmulatedFP8Backend, column_major
 
-    parts = (fp8.scale_from_amax, fp8.cast_e4m3, fp8.quantize, fp8.amax_tensor, fp8.amax_rows,
+    parts = (fp8.scale_from_amax, fp8.cast_e4m3, fp8.quantize, fp8.amax_tensor, fp8.amax_rows, column_major,
              EmulatedFP8Backend._weight_scale, EmulatedFP8Backend.quantize_operands)
     return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:12]
 
@@ -55,7 +55,8 @@ class FP8WeightFile:
         self.written = False
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(E4M3 values as fp32, their scale) of a GEMM's weight, or None where there is no file (yet)."""
+        """(E4M3 values as fp32, seen (out, in) over (in, out) storage; their scale) of a GEMM's weight, or None where
+        there is no file (yet)."""
         if self._handle is None:
             if not self.path.is_file():
                 return None
@@ -65,7 +66,7 @@ class FP8WeightFile:
                 self.path.unlink(missing_ok=True)  # a damaged file is rewritten, not trusted
                 return None
         try:
-            return self._handle.get_tensor(f"{key}.q"), self._handle.get_tensor(f"{key}.scale")
+            return self._handle.get_tensor(f"{key}.qt").t(), self._handle.get_tensor(f"{key}.scale")
         except SafetensorError:
             return None
 
@@ -77,7 +78,8 @@ class FP8WeightFile:
         tensors = {}
         for key in sorted(self.keys):
             q, scale = quantized[key][:2]
-            tensors[f"{key}.q"], tensors[f"{key}.scale"] = q.contiguous(), scale.contiguous()
+            # stored as the backend holds it, transposed (emulated.column_major): memory-mapped, no copy
+            tensors[f"{key}.qt"], tensors[f"{key}.scale"] = q.t().contiguous(), scale.contiguous()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.path.parent).free < sum(t.nbytes for t in tensors.values()) + FREE_MARGIN:
