@@ -36,6 +36,18 @@ def test_kld_same_top_and_delta_p_match_a_direct_computation():
     assert s.same_top == [False]
 
 
+def test_the_fused_kld_gives_the_textbook_expressions_bits_on_fp32_logits():
+    """KL(ref || cand) per row as exp(lr) * (lr - lc) summed, lr = log_softmax of the fp32 logits made float64: the
+    scorer computes it in fewer passes (kl_div, log_softmax's dtype) and must give the same numbers."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(5, 151936, generator=g) * 4
+    cand = ref + torch.randn(5, 151936, generator=g) * 0.05
+    s = stats_of(ref, cand, torch.arange(5))
+    lr, lc = torch.log_softmax(ref.double(), -1), torch.log_softmax(cand.double(), -1)
+    assert s.kld == (lr.exp() * (lr - lc)).sum(-1).clamp_min(0).tolist()
+    assert s.nll_ref == (-lr[torch.arange(5), torch.arange(5)]).tolist() and min(s.kld) > 0
+
+
 def test_summary_percentiles_and_perplexity_match_numpy():
     rng = np.random.default_rng(0)
     ref, cand = rng.normal(size=(200, 30)) * 2, rng.normal(size=(200, 30)) * 2
