@@ -121,12 +121,15 @@ def execute(nb: Path, run: Path, params: dict, quiet: bool) -> tuple[float, str 
     (`write_reports`)."""
     import papermill as pm
 
+    from fp8parity.warm_kernels import WarmKernelManager
+
     out, t0, error = run / nb.name, time.perf_counter(), None
     if not quiet:
         print(f"[{nb.stem}] running ...", flush=True)
     try:
         pm.execute_notebook(str(nb), str(out), parameters=declared(nb, params), cwd=str(NOTEBOOK_DIR),
-                            kernel_name="python3", progress_bar=False, log_output=False)
+                            kernel_name="python3", progress_bar=False, log_output=False,
+                            kernel_manager_class=WarmKernelManager)  # forked from a warm server where one runs
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         last = str(exc).strip().splitlines()
         error = last[-1] if last else type(exc).__name__
@@ -253,6 +256,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
 
     from fp8parity.gguf_file import GGUFModel
     from fp8parity.qwen2 import weights_fit
+    from fp8parity.warm_kernels import fork_server
 
     validate(cfg)
     check_html_template()
@@ -267,7 +271,7 @@ def run_all(cfg: RunConfig, runs_dir: str = "runs", notebooks: str = "", quiet: 
     if jobs > 1:
         first.sort(key=start_order)
         warm_weight_cache(gguf)
-    with kernel_environment(jobs, keep_freed_memory=weights_fit(gguf)):
+    with kernel_environment(jobs, keep_freed_memory=weights_fit(gguf)), fork_server():
         with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(first, pool.map(lambda nb: execute(nb, run, params, quiet), first), strict=True))
             # their reports rendered while the summary runs, on a core that would otherwise wait beside it
