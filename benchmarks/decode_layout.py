@@ -4,10 +4,10 @@ streams instead of taking one dot product per output. Same shapes as a model's d
 and the lm_head, one row each), random weights, one thread by default (a run-all's notebook gets one core).
 
 It also reports, per row count, whether the two layouts give the same bits: they do for the rows of a prefill (16 or
-more on the CPU VM, with one thread or two) and not for one row, so storing weights transposed would move every CPU
-decode number by summation-order noise (measured: stage F's default candidate then leaves the golden output at a
-near-tie on the second prompt, at token 36, where the reference's margin is 0.27 logits; see the README's CPU
-section).
+more on the CPU VM, with one thread or two) and not for one row, so storing weights transposed moves every CPU
+decode number by summation-order noise. emulated-fp8 holds its weights so since 5e78c95 (stage F's default candidate
+then leaves the golden output at a near-tie on the second prompt, at token 36, where the reference's margin is 0.27
+logits: excused; see the README's CPU section); the reference does not.
 
     python benchmarks/decode_layout.py                     # the default model's shapes
     python benchmarks/decode_layout.py --model some.gguf   # another qwen2 GGUF's shapes (no weights read)
