@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 from jupyter_client.manager import AsyncKernelManager
@@ -135,8 +136,11 @@ class ForkedProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
-            threading.Event().wait(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"kernel {self.pid}", timeout)
+            time.sleep(0.05)
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
