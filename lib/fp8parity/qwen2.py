@@ -164,6 +164,10 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
 # a GPU prefill of this many tokens or more runs the fused attention kernel: it gains a third at 2048 tokens and
 # nothing at 128 (benchmarks/gpu_speed.py); the cascade's prompts and notebook 09's 512-token windows stay below
 FUSED_ATTENTION_MIN_TOKENS = 1024
+# a CPU prefill of this many tokens or more (from the first position, causal) runs torch's fused CPU kernel: 3x faster
+# than the textbook form at notebook 09's 512-token windows, with a correct fp32 attention's error
+# (benchmarks/cpu_attention.py); the cascade's prompts stay below, and the fp64 oracle keeps the textbook form
+CPU_FUSED_ATTENTION_MIN_TOKENS = 256
 
 # A block's linear layers grouped by the tap they read (q, k, v: attn_norm; gate, up: ffn_norm), as (op, GGUF tensor
 # kind, bias) in forward order: a backend may run a group as one GEMM
@@ -181,7 +185,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
               softmax_fp16: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: (H, T, hd) at positions start..start+T-1; k, v: (KV, S, hd). Grouped-query, causal -> (H, T, hd).
 
-    The textbook form (scores, masked softmax, weighted sum) everywhere but a long prefill on a GPU, which runs one fused
+    The textbook form (scores, masked softmax, weighted sum) everywhere but a long prefill. On a CPU, fp32 from
+    CPU_FUSED_ATTENTION_MIN_TOKENS tokens, that runs torch's flash attention kernel (3x faster at 512 tokens, a correct
+    fp32 attention's error: benchmarks/cpu_attention.py). On a GPU, from FUSED_ATTENTION_MIN_TOKENS, one fused
     fp32 kernel (memory-efficient attention, no TF32): there the fp32 score matrix is the cost (te block, 7B shapes,
     2048 tokens: the fused kernel 44.0 of 87.9 ms of CUDA time; the textbook form's two fp32 GEMMs and softmax 50.0 of
     120.1 ms). Shorter forwards keep the textbook form: a decode step runs faster that way (0.5B te 4.7 vs 5.4 ms a
@@ -192,16 +198,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | to
     rep = H // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, S, hd)
     S = k.shape[1]
+    # from position 0 over T keys the mask is the causal one (the forward's): the fused kernels' own
+    causal = isinstance(start, int) and start == 0 and S == T
+    if (not q.is_cuda and causal and T >= CPU_FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16
+            and q.dtype == torch.float32):
+        return cpu_fused_attention(q, k, v, 1 / math.sqrt(hd) if scale is None else scale)
     mask = causal_mask(S, T, start, q.device) if mask is None else mask
     if q.is_cuda and T >= FUSED_ATTENTION_MIN_TOKENS and not softmax_fp16 and q.dtype != torch.float64:  # no fp64 kernel
-        causal = isinstance(start, int) and start == 0 and S == T  # the mask is the kernel's own causal one
         return fused_attention(q, k, v, None if causal else mask, 1 / math.sqrt(hd) if scale is None else scale)
+    return textbook_attention(q, k, v, mask, scale, softmax_fp16)
+
+
+def textbook_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       scale: float | None = None, softmax_fp16: bool = False) -> torch.Tensor:
+    """q (H, T, hd), k, v (H, S, hd), mask (T, S) True where masked: scores (divided by sqrt(hd) unless `scale` is
+    given), masked softmax, weighted sum."""
     scores = q @ k.transpose(1, 2)  # (H, T, S), fresh: scaled and masked in place (the same bits, no new buffers)
-    scores = scores.div_(math.sqrt(hd)) if scale is None else scores.mul_(scale)
+    scores = scores.div_(math.sqrt(q.shape[-1])) if scale is None else scores.mul_(scale)
     scores = scores.masked_fill_(mask, float("-inf"))
     if softmax_fp16:
         return torch.softmax(scores.half(), dim=-1).to(v.dtype) @ v
     return torch.softmax(scores, dim=-1) @ v
+
+
+def cpu_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k, v: (H, T, hd) on the CPU, causal from position 0 -> (H, T, hd), by torch's flash attention CPU kernel
+    (called directly: no silent fallback to another kernel)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, True,
+                                                                       scale=scale)[0][0]
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -12,6 +12,8 @@ sums of 32 products in fp32, the running sum rounded to 13 mantissa bits after e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fp8parity import fp8
@@ -29,6 +31,14 @@ ACCUMULATIONS = ("fp32", "fp64", "fast")
 # nearest at 14 bits: 0.27e-3). It models the size of the error, not its elements.
 FAST_ACCUM_CHUNK, FAST_ACCUM_BITS, FAST_ACCUM_TRUNCATE = 32, 14, True
 BLOCK = 128
+# fp16 copies of E4M3 weights for one-row GEMMs (decode steps), per weight file: a 0.5B's are 1 GB; a model's beyond
+# this (a 7B's 14 GB, beside its 28 GB of fp32 E4M3 values) are not all made, the rest keep the fp32 path
+FP16_COPIES_MAX_BYTES = 4 << 30
+# Making a weight's copy costs about what 90 of its one-row GEMMs then save (CPU VM, one thread: 9.4 ns a parameter
+# against 0.1 ns a parameter a GEMM; benchmarks/decode_layout.py measures both), so a copy is made once a weight has run
+# this many the slow way: never more than twice the better choice's cost whether the decode stops there or goes on
+# (a stage B decode runs 75 a weight, stage F's candidate 333)
+COPY_AFTER_ONE_ROW_GEMMS = 90
 
 
 def column_major(w: torch.Tensor) -> torch.Tensor:
@@ -36,6 +46,55 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     weight 1.44-1.48x faster so on the CPU VM (benchmarks/decode_layout.py); a prefill's sums are the same bits, a
     decode step's are summed in another order (the real 0.5B: other bits for 1-3 rows)."""
     return w.t().contiguous().t()
+
+
+@functools.cache
+def fbgemm_fp16() -> bool:
+    """Whether this torch and CPU run fbgemm's fp16-weight GEMM (x86 with AVX2; not an ARM build, say)."""
+    try:
+        w = torch.ops.quantized.linear_prepack_fp16(torch.ones(8, 8), None)
+        return bool(torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 8), w).eq(8).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def fp16_copy(wq: torch.Tensor):
+    """E4M3 values (as fp32, (out, in)) packed as fp16 for fbgemm: exact, fp16 holds every E4M3 value, subnormals too.
+    Packed from a row-major copy: a fifth faster than from the column-major values."""
+    return torch.ops.quantized.linear_prepack_fp16(wq.contiguous(), None)
+
+
+def one_row_gemm(a: torch.Tensor, packed) -> torch.Tensor:
+    """a (1, in) fp32 @ the packed weight's transpose: fbgemm converts each weight to fp32 and sums exact fp32 products
+    in k order with FMAs, as sgemm's one-row kernel sums a column-major weight; it reads half the bytes and runs a
+    decode step's GEMMs 4x faster on the CPU VM (benchmarks/decode_layout.py, which checks the bits too)."""
+    return torch.ops.quantized.linear_dynamic_fp16(a, packed)
+
+
+class FP16Copies:
+    """fp16 copies of one set of E4M3 weights, by GEMM key, each made once its weight has run
+    COPY_AFTER_ONE_ROW_GEMMS one-row GEMMs (up to FP16_COPIES_MAX_BYTES)."""
+
+    def __init__(self):
+        self.copies: dict[str, object] = {}
+        self.one_row_gemms: dict[str, int] = {}
+        self.nbytes = 0
+
+    def get(self, key: str, wq: torch.Tensor):
+        """The copy of `wq` (the weight of `key`) for this one-row GEMM, or None where it runs the fp32 path."""
+        if key in self.copies:
+            return self.copies[key]
+        n = self.one_row_gemms[key] = self.one_row_gemms.get(key, 0) + 1
+        if n < COPY_AFTER_ONE_ROW_GEMMS or self.nbytes + 2 * wq.numel() > FP16_COPIES_MAX_BYTES:
+            return None
+        self.copies[key] = fp16_copy(wq)
+        self.nbytes += 2 * wq.numel()
+        return self.copies[key]
+
+
+# Shared by the backends of a process that read one weight file (a candidate and its twin of the same recipe: the same
+# E4M3 values, so one copy serves both)
+SHARED_FP16_COPIES: dict[str, FP16Copies] = {}
 
 
 class EmulatedFP8Backend(LinearBackend):
@@ -62,6 +121,7 @@ class EmulatedFP8Backend(LinearBackend):
         # Weights are constant: quantize each GEMM's weight once (values kept as exact fp32, stats kept).
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         self.weight_file = None  # the same quantized weights on disk (fp8_weight_cache.attach)
+        self._own_fp16_copies = FP16Copies()  # where no weight file is shared
 
     def describe(self) -> dict:
         return super().describe() | {
@@ -124,14 +184,27 @@ class EmulatedFP8Backend(LinearBackend):
         return xq, wq, sxe, swe
 
     # --- GEMM -----------------------------------------------------------------------------------------
-    def _gemm(self, xq: torch.Tensor, wq: torch.Tensor, sxe: torch.Tensor, swe: torch.Tensor) -> torch.Tensor:
+    def _fp16_copy(self, key: str | None, wq: torch.Tensor, rows: int):
+        """The fp16 copy of a GEMM's weight where a one-row GEMM may use it (E4M3 values, fp32 sums, on a CPU with
+        fbgemm, once made); None elsewhere. Block's weights are divided by their scales first: not fp16's."""
+        if (key is None or rows != 1 or self.accumulate != "fp32" or self.granularity == "block"
+                or wq.device.type != "cpu" or not fbgemm_fp16()):
+            return None
+        copies = (self._own_fp16_copies if self.weight_file is None
+                  else SHARED_FP16_COPIES.setdefault(str(self.weight_file.path), FP16Copies()))
+        return copies.get(key, wq)
+
+    def _gemm(self, xq: torch.Tensor, wq: torch.Tensor, sxe: torch.Tensor, swe: torch.Tensor,
+              key: str | None = None) -> torch.Tensor:
+        """xq wq^T scaled back; a one-row GEMM of a named weight (`key`) reads its fp16 copy (`_fp16_copy`)."""
         acc = torch.float64 if self.accumulate == "fp64" else torch.float32
         if self.granularity == "block":
             # dequantize exactly (power-of-two scales) and let the accumulator do the rest
             xd = xq.to(acc) / sxe.to(acc)
             wd = wq.to(acc) / swe.to(acc)
             return self._accumulate(xd, wd, acc)
-        y = self._accumulate(xq.to(acc), wq.to(acc), acc)
+        packed = self._fp16_copy(key, wq, xq.shape[0] if xq.dim() == 2 else 0)
+        y = one_row_gemm(xq.to(acc), packed) if packed is not None else self._accumulate(xq.to(acc), wq.to(acc), acc)
         if self.granularity == "rowwise":  # sxe (T, 1), swe (N, 1)
             return y * (1.0 / sxe).to(acc) * (1.0 / swe).t().to(acc)
         # per-tensor: cuBLAS applies alpha = scale_inv_a * scale_inv_b once, in fp32
@@ -163,7 +236,7 @@ class EmulatedFP8Backend(LinearBackend):
             xq, wq, sxe, swe = xq_w
         else:
             xq, wq, sxe, swe = self.quantize_operands(x, w, key)
-        y = self._gemm(xq, wq, sxe, swe)
+        y = self._gemm(xq, wq, sxe, swe, key)
         if b is not None:
             bias = b.to(torch.bfloat16) if self.bias_dtype == "bf16" else b
             y = y + bias.to(y.dtype)
