@@ -1,6 +1,8 @@
 """The CPU's faster paths compute what the paths they replace computed: emulated-fp8's one-row GEMMs through fbgemm's
-fp16 copies of its E4M3 weights (exact values, fp32 sums, the same bits), and a long CPU prefill's fused attention (a
-correct fp32 attention's error against fp64; the cascade's prompts keep the textbook form)."""
+fp16 copies of its E4M3 weights (exact values, exact products, fp32 sums: within fp32 summation's bound of the exact sum,
+as sgemm's; the very bits of sgemm on the CPU VM's AMD EPYC, not on the GPU host's Xeon, so no test asks for bits), and
+a long CPU prefill's fused attention (a correct fp32 attention's error against fp64; the cascade's prompts keep the
+textbook form)."""
 
 from __future__ import annotations
 
@@ -35,14 +37,17 @@ def test_the_fp16_copy_holds_every_finite_e4m3_value_exactly():
 
 @needs_fbgemm
 @pytest.mark.parametrize("k, n", [(896, 4864), (4864, 896), (896, 2048)])
-def test_a_one_row_gemm_of_e4m3_values_sums_exact_products_in_fp32_as_sgemm_does(k, n):
+def test_a_one_row_gemm_of_e4m3_values_sums_exact_products_in_fp32(k, n):
     gen = torch.Generator().manual_seed(k + n)
     x, w = e4m3((1, k), 3.0, gen), e4m3((n, k), 0.02, gen)
+    assert_fp32_sum_of_exact_products(one_row_gemm(x, fp16_copy(w)), x, w)
+
+
+def assert_fp32_sum_of_exact_products(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y = x w^T summed in fp32 from exact products: within k u sum|x||w| of the exact sum (u = 2^-24)."""
     exact = x.double() @ w.double().t()
-    got = one_row_gemm(x, fp16_copy(w))
-    bound = k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())  # fp32 summation of exact products
-    assert ((got.double() - exact).abs() <= bound).all()
-    assert torch.equal(got, x @ emulated.column_major(w).t())  # the bits the fp32 path gave a decode step
+    bound = x.shape[1] * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
+    assert ((y.double() - exact).abs() <= bound).all()
 
 
 def traced_decode(wb: Workbench) -> dict:
@@ -53,25 +58,33 @@ def traced_decode(wb: Workbench) -> dict:
 
 @needs_fbgemm
 @pytest.mark.parametrize("recipe", ["current", "rowwise"])
-def test_a_decode_with_fp16_copies_computes_the_same_bits_and_a_twin_shares_them(tiny_path, tmp_path, monkeypatch,
-                                                                                 recipe):
+def test_a_decode_with_fp16_copies_sums_every_gemm_in_fp32_and_a_twin_shares_them(tiny_path, tmp_path, monkeypatch,
+                                                                                  recipe):
     monkeypatch.setenv("FP8PARITY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(weight_cache, "MIN_BYTES", 0)  # the weight file (what a candidate and its twin share) on
     cfg = RunConfig(model=str(tiny_path), backend="emulated-fp8", recipe=recipe)
-    monkeypatch.setattr(emulated, "fbgemm_fp16", lambda: False)
-    plain = traced_decode(Workbench(cfg, tmp_path / "plain"))
-    monkeypatch.undo()
-    monkeypatch.setenv("FP8PARITY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(weight_cache, "MIN_BYTES", 0)
+    with monkeypatch.context() as m:
+        m.setattr(emulated, "fbgemm_fp16", lambda: False)
+        plain = traced_decode(Workbench(cfg, tmp_path / "plain"))
     monkeypatch.setattr(emulated, "COPY_AFTER_ONE_ROW_GEMMS", 5)  # copies made within the 27 steps
     monkeypatch.setattr(emulated, "SHARED_FP16_COPIES", {})
+    checked = []
+
+    def checking(a, packed):  # every GEMM through a copy: an fp32 sum of exact products of its real activations
+        y = one_row_gemm(a, packed)
+        assert_fp32_sum_of_exact_products(y, a, torch.ops.quantized.linear_unpack_fp16(packed)[0])
+        checked.append(1)
+        return y
+
+    monkeypatch.setattr(emulated, "one_row_gemm", checking)
     wb = Workbench(cfg, tmp_path / "copies")
     fast = traced_decode(wb)
-    different = [k for k in plain if not torch.equal(plain[k], fast[k])]
-    assert fast.keys() == plain.keys() and not different, different[:5]
     (copies,) = emulated.SHARED_FP16_COPIES.values()
     assert copies.copies.keys() == wb.backend._weights.keys()  # every weight's copy made, after 5 one-row GEMMs each
-    assert set(copies.one_row_gemms.values()) == {5}
+    assert set(copies.one_row_gemms.values()) == {5} and len(checked) == (27 - 4) * len(copies.copies)  # from the 5th
+    # the same decode within summation-order noise (an FP8 candidate may round an activation to the next E4M3 step
+    # where a sum moved an ulp; far below its own error against the reference, a few 1e-2)
+    assert fast.keys() == plain.keys() and rel_l2(fast["logits"], plain["logits"]) < 1e-3
     twin = EmulatedFP8Backend(wb.backend.granularity)
     twin.weight_file = wb.backend.weight_file
     key = "0.q_proj"
