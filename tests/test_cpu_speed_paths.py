@@ -105,6 +105,9 @@ def test_copies_serve_one_row_gemms_of_exact_e4m3_products_only(monkeypatch):
     monkeypatch.setattr(emulated, "COPY_AFTER_ONE_ROW_GEMMS", 3)
     b = EmulatedFP8Backend("tensor")
     assert [b._fp16_copy("k", w, rows=1) for _ in range(4)] == [None, None, "copy", "copy"]
+    b = EmulatedFP8Backend("tensor")
+    b.expect_one_row_gemms(480)  # stage F's decode steps to come: made at the first
+    assert b._fp16_copy("k", w, rows=1) == "copy"
     monkeypatch.setattr(emulated, "FP16_COPIES_MAX_BYTES", 2 * w.numel() - 1)
     b = EmulatedFP8Backend("tensor")
     assert [b._fp16_copy("k", w, rows=1) for _ in range(4)] == [None] * 4  # over the budget: the fp32 path

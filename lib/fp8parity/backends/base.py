@@ -53,6 +53,10 @@ class LinearBackend:
         """Whether the backend already holds its own copy of this GEMM's weight (so the forward need not fetch it)."""
         return False
 
+    def expect_one_row_gemms(self, n: int) -> None:
+        """A caller about to run about n decode steps says so: a backend that prepares for them may do it at once
+        (emulated-fp8 makes its weights' fp16 copies). Nothing by default."""
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Entered once around a whole forward (Transformer Engine's autocast); nothing by default."""
         return contextlib.nullcontext()

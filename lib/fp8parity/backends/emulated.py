@@ -81,12 +81,13 @@ class FP16Copies:
         self.one_row_gemms: dict[str, int] = {}
         self.nbytes = 0
 
-    def get(self, key: str, wq: torch.Tensor):
-        """The copy of `wq` (the weight of `key`) for this one-row GEMM, or None where it runs the fp32 path."""
+    def get(self, key: str, wq: torch.Tensor, expected: int = 0):
+        """The copy of `wq` (the weight of `key`) for this one-row GEMM, or None where it runs the fp32 path; made at
+        once where the caller expects at least COPY_AFTER_ONE_ROW_GEMMS of them (`expected`)."""
         if key in self.copies:
             return self.copies[key]
         n = self.one_row_gemms[key] = self.one_row_gemms.get(key, 0) + 1
-        if n < COPY_AFTER_ONE_ROW_GEMMS or self.nbytes + 2 * wq.numel() > FP16_COPIES_MAX_BYTES:
+        if max(n, expected) < COPY_AFTER_ONE_ROW_GEMMS or self.nbytes + 2 * wq.numel() > FP16_COPIES_MAX_BYTES:
             return None
         self.copies[key] = fp16_copy(wq)
         self.nbytes += 2 * wq.numel()
@@ -123,6 +124,7 @@ class EmulatedFP8Backend(LinearBackend):
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         self.weight_file = None  # the same quantized weights on disk (fp8_weight_cache.attach)
         self._own_fp16_copies = FP16Copies()  # where no weight file is shared
+        self._expected_one_row_gemms = 0  # expect_one_row_gemms
 
     def describe(self) -> dict:
         return super().describe() | {
@@ -193,7 +195,11 @@ class EmulatedFP8Backend(LinearBackend):
             return None
         copies = (self._own_fp16_copies if self.weight_file is None
                   else SHARED_FP16_COPIES.setdefault(str(self.weight_file.path), FP16Copies()))
-        return copies.get(key, wq)
+        return copies.get(key, wq, self._expected_one_row_gemms)
+
+    def expect_one_row_gemms(self, n: int) -> None:
+        """Stage F runs about 480 decode steps: its copies made at the first, not after 90 the slow way."""
+        self._expected_one_row_gemms = n
 
     def _gemm(self, xq: torch.Tensor, wq: torch.Tensor, sxe: torch.Tensor, swe: torch.Tensor,
               key: str | None = None) -> torch.Tensor:

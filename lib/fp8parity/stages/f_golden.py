@@ -76,6 +76,7 @@ def measure_f(wb: Workbench, runs: int = 5, max_new_tokens: int = RunConfig.max_
     use_stops = wb.fault.stop_tokens if stop_tokens is None else stop_tokens
     stops = wb.tok.stop_ids()
     rows, twin = [], None  # the twin: built when a run first diverges, anew where calibration gave a prompt new scales
+    wb.backend.expect_one_row_gemms(len(wb.prompts) * runs * max_new_tokens)  # the candidate's decode steps to come
     for i, prompt in enumerate(tqdm(wb.prompts, desc="stage F prompts")):
         ids = wb.prompt_ids(i)
         wb.prepare_candidate(ids)
