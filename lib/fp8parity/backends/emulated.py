@@ -8,6 +8,8 @@ and `batch-ftz` (one per-batch scale with subnormals flushed to zero: the bug of
 Accumulation: `fp32` (exact products, fp32 sums), `fp64` (the cast-to-representable control: any
 error left is quantization error), `fast` (a model of Hopper's ~14-bit fast accumulation: partial
 sums of 32 products in fp32, the running sum rounded to 13 mantissa bits after each chunk).
+On a CPU, a one-row GEMM (a decode step) with fp32 accumulation may read an fp16 copy of its E4M3 weight instead
+(`FP16Copies`): the same values, products and fp32 sums, half the bytes.
 """
 
 from __future__ import annotations
@@ -198,7 +200,8 @@ class EmulatedFP8Backend(LinearBackend):
         return copies.get(key, wq, self._expected_one_row_gemms)
 
     def expect_one_row_gemms(self, n: int) -> None:
-        """Stage F runs about 480 decode steps: its copies made at the first, not after 90 the slow way."""
+        """Where a caller expects COPY_AFTER_ONE_ROW_GEMMS or more (stage F: about 480), each weight's copy is made at
+        its first one-row GEMM."""
         self._expected_one_row_gemms = n
 
     def _gemm(self, xq: torch.Tensor, wq: torch.Tensor, sxe: torch.Tensor, swe: torch.Tensor,
