@@ -179,3 +179,21 @@ def test_the_side_by_side_report_is_readable(tmp_path):
     html, md = (tmp_path / "r" / "compare.html").read_text(), (tmp_path / "r" / "compare.md").read_text()
     assert "NaN" not in html and "nan" not in md and "0.999897" in html and "<b>card</b>: NVIDIA H200" in html
     assert json.loads((tmp_path / "r" / "compare.json").read_text())["provenance"]["model"] == "m.gguf"
+
+
+@needs_llama
+def test_a_llama_cpp_generation_keeps_the_logits_it_decided_from(tiny_path):
+    """Stage F measures a divergence on the logits a generation kept (generate(keep_logits=True)): for llama.cpp too,
+    they are the ones generation_logits retraces, bit for bit, and each row's argmax is the token emitted."""
+    from fp8parity.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(str(tiny_path), threads=2, n_ctx=64)
+    try:
+        ids = list(range(3, 20))
+        kept = engine.generate(ids, 6, None, keep_logits=True)
+        steps = [engine.generation_logits(ids, kept.tokens[:k], 6).float() for k in range(len(kept.tokens))]
+        assert len(kept.tokens) == 6 and [int(s.argmax()) for s in steps] == kept.tokens
+        assert all(torch.equal(kept.logits[k], steps[k].cpu()) for k in range(len(steps)))
+        assert engine.generate(ids, 6, None).logits is None  # kept only when asked
+    finally:
+        engine.close()

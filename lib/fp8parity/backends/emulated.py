@@ -36,7 +36,7 @@ BLOCK = 128
 # fp16 copies of E4M3 weights for one-row GEMMs (decode steps), per weight file: a 0.5B's are 1 GB; a model's beyond
 # this (a 7B's 14 GB, beside its 28 GB of fp32 E4M3 values) are not all made, the rest keep the fp32 path
 FP16_COPIES_MAX_BYTES = 4 << 30
-# Making a weight's copy costs what 56-116 of its one-row GEMMs then save on the CPU VM, one thread (184-205 on the GPU
+# Making a weight's copy costs what 55-119 of its one-row GEMMs then save on the CPU VM, one thread (184-205 on the GPU
 # host's Xeon; benchmarks/decode_layout.py), so a copy is made at a weight's 90th: about twice the better choice's cost
 # at worst, whether the decode stops there or goes on (a stage B decode runs 75 a weight, stage F's candidate 333)
 COPY_AFTER_ONE_ROW_GEMMS = 90
@@ -69,7 +69,7 @@ def one_row_gemm(a: torch.Tensor, packed) -> torch.Tensor:
     """a (1, in) fp32 @ the packed weight's transpose: fbgemm converts each weight to fp32 and sums the exact products
     in fp32. On the CPU VM (AMD EPYC, torch 2.13) these are the bits of sgemm's one-row kernel over the column-major
     weight, so no decode number moves; on the GPU host's Xeon (torch 2.11) the order differs (an fp32 sum all the same:
-    tests/test_cpu_speed_paths.py). Half the bytes read: a decode step's GEMMs 2.6-4.4x faster on the VM, 1.3x on the
+    tests/test_cpu_speed_paths.py). Half the bytes read: a decode step's GEMMs 2.6-4.5x faster on the VM, 1.3x on the
     Xeon (benchmarks/decode_layout.py, which reports the bits too)."""
     return torch.ops.quantized.linear_dynamic_fp16(a, packed)
 
